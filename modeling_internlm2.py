@@ -1,0 +1,325 @@
+"""The InternLM2 decoder of InternLM-XComposer2-4KHD, with Partial LoRA on every linear.
+
+The decoder knows nothing of images except a per-token image mask: positions where it is true get the
+low-rank branch of each `PLoRA` linear. Parameter names follow the published checkpoint.
+"""
+
+import inspect
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# transformers 5.2x renamed `past_key_values` to `cache` in forward arguments, model outputs and the mask
+# helpers, and dropped `cache_position`. We accept both names and answer in the installed version's name.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+_MASK_TAKES_CACHE = "cache" in inspect.signature(create_causal_mask).parameters
+
+
+def pop_cache(past_key_values, kwargs):
+    """The cache passed under either name (`past_key_values`, or `cache` on transformers >= 5.2x)."""
+    cache = kwargs.pop("cache", None)
+    return past_key_values if past_key_values is not None else cache
+
+
+def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, cache_position):
+    """transformers' own causal mask (right format for the attention backend), on either API."""
+    if _MASK_TAKES_CACHE:
+        return create_causal_mask(
+            config=config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+    return create_causal_mask(
+        config=config,
+        input_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        cache_position=cache_position,
+        past_key_values=cache,
+        position_ids=position_ids,
+    )
+
+
+class InternLM2RMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class InternLM2RotaryEmbedding(nn.Module):
+    """Plain RoPE (rotate-half convention). The inverse frequencies are recomputed in fp32 on every call
+    instead of being kept as a buffer: 64 numbers cost nothing, and a buffer would be cast to bf16 by
+    `model.to(dtype)` or left on the meta device by low-memory loading."""
+
+    def __init__(self, head_dim, base):
+        super().__init__()
+        self.head_dim = head_dim
+        self.base = base
+
+    @torch.no_grad()
+    def forward(self, x, position_ids):
+        exponent = torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32) / self.head_dim
+        inv_freq = 1.0 / (self.base**exponent)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd), broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class PLoRA(nn.Linear):
+    """A bias-free linear plus a low-rank branch `Plora_B(Plora_A(x)) * alpha / rank` added at image positions.
+
+    `lora_mask` is `(B, T, 1)` in the activation dtype: 1 at image positions, 0 elsewhere, or None when the
+    forward has no image positions at all. The mask is applied to the rank-r activation, the smallest tensor
+    on the branch, so text rows receive exactly zero and no host synchronisation is needed (the original
+    indexed rows with a boolean mask, one sync per linear). With `lora_mask=None` the branch is skipped,
+    so decoding and text-only prompts cost what the plain LLM costs.
+    """
+
+    def __init__(self, in_features, out_features, rank, alpha, dropout):
+        super().__init__(in_features, out_features, bias=False)
+        self.Plora_A = nn.Linear(in_features, rank, bias=False)
+        self.Plora_B = nn.Linear(rank, out_features, bias=False)
+        self.lora_scaling = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, lora_mask=None):
+        out = super().forward(x)
+        if lora_mask is None:
+            return out
+        delta = self.Plora_B(self.Plora_A(self.lora_dropout(x)) * lora_mask)
+        return torch.add(out, delta, alpha=self.lora_scaling)
+
+
+def plora(config, name, in_features, out_features):
+    return PLoRA(
+        in_features, out_features, config.plora_ranks[name], config.plora_alphas[name], config.plora_dropout
+    )
+
+
+def repeat_kv(hidden_states, n_rep):
+    """(B, n_kv, T, hd) -> (B, n_kv * n_rep, T, hd); kv head h serves query heads h*n_rep .. h*n_rep + n_rep-1."""
+    batch, num_kv_heads, seq_len, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None].expand(batch, num_kv_heads, n_rep, seq_len, head_dim)
+    return hidden_states.reshape(batch, num_kv_heads * n_rep, seq_len, head_dim)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, T, S)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, T, nh, hd)
+    return attn_output, attn_weights
+
+
+class InternLM2Attention(nn.Module):
+    """Grouped-query attention with the fused `wqkv` projection of the published checkpoint.
+
+    `wqkv` rows are laid out per key/value group: for group h, the `n_rep` query heads h*n_rep .. , then key
+    head h, then value head h, each `head_dim` rows (SPEC section 3).
+    """
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = 0.0
+        self.is_causal = True
+        qkv_size = (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim
+        self.wqkv = plora(config, "wqkv", config.hidden_size, qkv_size)
+        self.wo = plora(config, "wo", self.num_heads * self.head_dim, config.hidden_size)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, lora_mask, cache=None, **kwargs):
+        batch, seq_len, _ = hidden_states.shape
+        qkv = self.wqkv(hidden_states, lora_mask)
+        qkv = qkv.view(batch, seq_len, self.num_key_value_heads, self.num_key_value_groups + 2, self.head_dim)
+        query = qkv[..., :-2, :].reshape(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        key = qkv[..., -2, :].transpose(1, 2)  # (B, n_kv, T, hd)
+        value = qkv[..., -1, :].transpose(1, 2)  # (B, n_kv, T, hd)
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+
+        if cache is not None:
+            # transformers 4.57 caches read `cache_position` from this dict; 5.x caches ignore it.
+            key, value = cache.update(key, value, self.layer_idx, {"cache_position": kwargs.get("cache_position")})
+
+        attention_interface = eager_attention_forward
+        if self.config._attn_implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch, seq_len, -1).contiguous()  # (B, T, nh * hd)
+        return self.wo(attn_output, lora_mask), attn_weights
+
+
+class InternLM2MLP(nn.Module):
+    """SwiGLU: w2(act(w1 x) * w3 x)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.w1 = plora(config, "w1", config.hidden_size, config.intermediate_size)
+        self.w3 = plora(config, "w3", config.hidden_size, config.intermediate_size)
+        self.w2 = plora(config, "w2", config.intermediate_size, config.hidden_size)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x, lora_mask):
+        return self.w2(self.act_fn(self.w1(x, lora_mask)) * self.w3(x, lora_mask), lora_mask)
+
+
+class InternLM2DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attention = InternLM2Attention(config, layer_idx)
+        self.feed_forward = InternLM2MLP(config)
+        self.attention_norm = InternLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ffn_norm = InternLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, lora_mask=None, cache=None, **kwargs):
+        residual = hidden_states
+        hidden_states, _ = self.attention(
+            self.attention_norm(hidden_states), position_embeddings, attention_mask, lora_mask, cache, **kwargs
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.feed_forward(self.ffn_norm(hidden_states), lora_mask)
+
+
+class InternLM2Model(nn.Module):
+    """Token embeddings, the decoder layers and the final norm (checkpoint prefix `model.`).
+
+    A plain module owned by `InternLMXComposer2ForCausalLM`, which holds the config, initialisation and
+    loading logic.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            [InternLM2DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = InternLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = InternLM2RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        image_mask=None,
+        use_cache=None,
+        output_hidden_states=False,
+        **kwargs,
+    ):
+        """
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, T)`), or inputs_embeds (`(B, T, hidden_size)`).
+            attention_mask (`(B, past + T)`, 1 for real tokens, 0 for padding), optional.
+            image_mask (`torch.BoolTensor` of shape `(B, T)`, *optional*): true at positions whose embedding came
+                from the vision side; those positions get the Partial LoRA branch. None = no image positions.
+            past_key_values / cache (`Cache`, *optional*): the KV cache, updated in place.
+        Returns:
+            `BaseModelOutputWithPast` with `last_hidden_state` `(B, T, hidden_size)` and the cache.
+        """
+        past_key_values = pop_cache(past_key_values, kwargs)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.tok_embeddings(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+
+        seq_len = inputs_embeds.shape[1]
+        cache_position = kwargs.pop("cache_position", None)
+        if cache_position is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache_position = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = cache_position.unsqueeze(0)
+
+        mask = causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids, cache_position)
+
+        # In training the branch always runs (an all-zero mask when the batch has no image), so every
+        # PLoRA parameter is in the graph and DDP never sees an unused parameter; its gradient is then zero.
+        if image_mask is None and self.training:
+            image_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        lora_mask = None if image_mask is None else image_mask[..., None].to(inputs_embeds.dtype)  # (B, T, 1)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = () if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings,
+                attention_mask=mask,
+                lora_mask=lora_mask,
+                cache=past_key_values,
+                cache_position=cache_position,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
+        )

@@ -1,0 +1,181 @@
+"""InternLMXComposer2ForCausalLM: CLIP tower + projector + newline/separator vectors + InternLM2 decoder with
+Partial LoRA + output head, loading the published 4KHD checkpoint unchanged.
+"""
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .build_mlp import (
+    CLIPVisionEmbeddings,
+    CLIPVisionTower,
+    build_vision_projector,
+    global_local_layout,
+    merge_2x2,
+)
+from .configuration_internlm_xcomposer2 import InternLMXcomposer2Config
+from .modeling_internlm2 import CACHE_FIELD, InternLM2Model, InternLM2RMSNorm, pop_cache
+
+logger = logging.get_logger(__name__)
+
+
+class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
+    """The whole model. Checkpoint names: `model.*` (decoder), `output` (LM head), `vit.*` (CLIP),
+    `vision_proj.*`, `plora_glb_GN` (separator) and `plora_sub_GN` (newline)."""
+
+    config_class = InternLMXcomposer2Config
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["InternLM2DecoderLayer", "CLIPEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _supports_cache_class = True
+    _supports_static_cache = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        # transformers resolves the attention backend on the top config only; the CLIP layers read theirs from
+        # the vision sub-config, so hand it down (both towers support eager, sdpa and flash-attn 2).
+        config.vision_config._attn_implementation = config._attn_implementation
+        self.model = InternLM2Model(config)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.vit = CLIPVisionTower(config.vision_config)
+        self.vision_proj = build_vision_projector(config)
+        merged_size = 4 * config.vision_config.hidden_size
+        self.plora_glb_GN = nn.Parameter(torch.zeros(1, 1, merged_size))
+        self.plora_sub_GN = nn.Parameter(torch.zeros(1, 1, 1, merged_size))
+        self.post_init()
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.weight.data.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(mean=0.0, std=std)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, (nn.LayerNorm, InternLM2RMSNorm)):
+            module.weight.data.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, CLIPVisionEmbeddings):
+            module.class_embedding.data.normal_(mean=0.0, std=std)
+        elif isinstance(module, InternLMXComposer2ForCausalLM):
+            module.plora_glb_GN.data.normal_(mean=0.0, std=std)
+            module.plora_sub_GN.data.normal_(mean=0.0, std=std)
+
+    def get_input_embeddings(self):
+        return self.model.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.tok_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.output
+
+    def set_output_embeddings(self, new_embeddings):
+        self.output = new_embeddings
+
+    def get_image_features(self, pixel_values, image_grids):
+        """Encode pixel tiles into one token sequence per image, ready to replace its placeholders.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(T, 3, S, S)`): all tiles of all images as the image
+                processor returns them (per image: the global view, then its crops in row-major order).
+            image_grids (`torch.LongTensor` of shape `(N, 2)`): (rows, cols) of each image.
+        Returns:
+            `list[torch.Tensor]`: for image i a `(L_i, hidden_size)` tensor, L_i = `num_image_tokens(rows, cols)`.
+        """
+        features = merge_2x2(self.vit(pixel_values))  # (T, t, t, 4C)
+        sequences = global_local_layout(features, image_grids, self.plora_glb_GN, self.plora_sub_GN)
+        projected = self.vision_proj(torch.cat(sequences))  # (sum L_i, hidden)
+        return list(projected.split([len(s) for s in sequences]))
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        image_grids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        image_mask=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        """
+        Args:
+            input_ids (`(B, T)`): token ids; image positions hold `config.image_token_id`.
+            pixel_values (`(num_tiles, 3, S, S)`) and image_grids (`(N, 2)`), *optional*: the images, encoded and
+                scattered into the placeholder positions of `input_ids` (prefill only).
+            inputs_embeds (`(B, T, hidden)`) with image_mask (`(B, T)` bool), *optional*: ready embeddings, e.g. with
+                image features already in place; `image_mask` says which positions get Partial LoRA.
+            labels (`(B, T)`, *optional*): targets for the shifted cross-entropy; -100 is ignored.
+            logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep`
+                positions (0 = all), so prefill need not build full-vocabulary logits for every position.
+        Returns:
+            `CausalLMOutputWithPast`.
+        """
+        past_key_values = pop_cache(past_key_values, kwargs)
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("`pixel_values` need `input_ids` holding the image placeholder ids.")
+            if image_grids is None:
+                raise ValueError("`pixel_values` need the `image_grids` the image processor returned with them.")
+            inputs_embeds, image_mask = self._embed_with_images(input_ids, pixel_values, image_grids)
+            input_ids = None
+
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            image_mask=image_mask,
+            use_cache=use_cache,
+            output_hidden_states=bool(output_hidden_states),
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.output(hidden_states[:, keep])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        result = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: outputs[CACHE_FIELD] if CACHE_FIELD in outputs else None},
+        )
+        return result.to_tuple() if return_dict is False else result
+
+    def _embed_with_images(self, input_ids, pixel_values, image_grids):
+        """Token embeddings with each image's features written over its placeholder positions, in order."""
+        inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, hidden)
+        image_mask = input_ids == self.config.image_token_id  # (B, T)
+        features = torch.cat(self.get_image_features(pixel_values, image_grids))  # (sum L_i, hidden)
+        num_slots = int(image_mask.sum())
+        if num_slots != features.shape[0]:
+            raise ValueError(
+                f"The prompt has {num_slots} image placeholder positions but the images give {features.shape[0]} "
+                "image tokens. Build input_ids and pixel_values with the same processor call and the same hd_num."
+            )
+        features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], features)
+        return inputs_embeds, image_mask
