@@ -1,0 +1,398 @@
+"""Image processor for InternLM-XComposer2-4KHD: HD resize and white padding, tiles, and the global view.
+
+It also holds the pure layout functions (grid, token count) that the processor and the model share, so
+the number of tokens an image costs is computed in exactly one place.
+"""
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from numbers import Integral
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_HD_NUM = 1000
+WHITE = 255
+
+
+class HDLayout(NamedTuple):
+    """Where an image lands after the HD transform; every size is in pixels of the original orientation."""
+
+    rows: int
+    cols: int
+    resized_width: int
+    resized_height: int
+    padded_width: int
+    padded_height: int
+    transposed: bool
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        """`(left, top)` of the resized image on the white canvas.
+
+        The original pads only the short side of the landscape image, centred with the odd pixel at the end,
+        then transposes back; so a portrait image is padded left and right.
+        """
+        return (self.padded_width - self.resized_width) // 2, (self.padded_height - self.resized_height) // 2
+
+
+def validate_hd_num(hd_num) -> int:
+    """Check the maximum number of crops per image and return it as an `int`.
+
+    Raises:
+        `ValueError`: if `hd_num` is not an integer in `[1, MAX_HD_NUM]` (bools are rejected too).
+    """
+    if isinstance(hd_num, bool) or not isinstance(hd_num, Integral):
+        raise ValueError(
+            f"hd_num must be an integer, the maximum number of crops per image; got {hd_num!r} of type "
+            f"{type(hd_num).__name__}. Pass e.g. hd_num=25 (the chat default) or 55 (4K images)."
+        )
+    if not 1 <= hd_num <= MAX_HD_NUM:
+        raise ValueError(
+            f"hd_num must be between 1 and {MAX_HD_NUM}, got {hd_num}; the published model used 9 to 65."
+        )
+    return int(hd_num)
+
+
+def _validate_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def hd_layout(width: int, height: int, hd_num: int, tile_size: int) -> HDLayout:
+    """Choose the crop grid and the resized size of a `width` x `height` image (no pixels touched).
+
+    The rule of the published model: work in landscape orientation (a portrait image is transposed), pick
+    the largest integer `scale` with `scale * ceil(scale / ratio) <= hd_num`, resize the width to
+    `scale * tile_size` keeping the aspect ratio (height floored), then pad the height up to a multiple of
+    `tile_size`. So the long side is never padded and `rows * cols <= hd_num` always holds.
+
+    Args:
+        width (`int`), height (`int`):
+            Size of the input image in pixels.
+        hd_num (`int`):
+            Maximum number of crops (`rows * cols`).
+        tile_size (`int`):
+            Side of one crop, the vision tower's input size.
+
+    Returns:
+        `HDLayout`: rows, cols, resized and padded sizes in the original orientation, and whether the
+        transform works on the transposed image.
+    """
+    width = _validate_positive_int(width, "width")
+    height = _validate_positive_int(height, "height")
+    hd_num = validate_hd_num(hd_num)
+    tile_size = _validate_positive_int(tile_size, "tile_size")
+
+    transposed = width < height
+    if transposed:
+        width, height = height, width
+    # A Python float and this exact loop, as in the original, so float edge cases pick the same scale.
+    ratio = width / height
+    scale = 1
+    while scale * math.ceil(scale / ratio) <= hd_num:
+        scale += 1
+    scale -= 1
+
+    new_width = scale * tile_size
+    new_height = int(new_width / ratio)
+    if new_height == 0:
+        # The original crashes here (PIL cannot resize to zero rows); keep one row of pixels instead.
+        logger.warning_once(
+            f"An image of aspect ratio {ratio:.0f}:1 is thinner than one pixel after the HD resize; "
+            "it is kept as a single pixel row. Crop or pad such images before passing them."
+        )
+        new_height = 1
+    padded_height = -(-new_height // tile_size) * tile_size
+
+    sizes = (new_width, new_height, new_width, padded_height)
+    if transposed:
+        sizes = (new_height, new_width, padded_height, new_width)
+    resized_width, resized_height, padded_width, padded_height = sizes
+    return HDLayout(
+        rows=padded_height // tile_size,
+        cols=padded_width // tile_size,
+        resized_width=resized_width,
+        resized_height=resized_height,
+        padded_width=padded_width,
+        padded_height=padded_height,
+        transposed=transposed,
+    )
+
+
+def tokens_per_side(image_size: int, patch_size: int) -> int:
+    """Vision tokens along one side of a tile: the CLIP patch grid after the 2x2 merge (24 // 2 = 12 for 7B).
+
+    Raises:
+        `ValueError`: if the patch grid is not an even integer, which the 2x2 merge needs.
+    """
+    patches, remainder = divmod(image_size, patch_size)
+    if remainder or patches % 2:
+        raise ValueError(
+            f"image_size / patch_size must be an even integer for the 2x2 token merge, got "
+            f"{image_size} / {patch_size}; use e.g. image_size=336, patch_size=14."
+        )
+    return patches // 2
+
+
+def num_image_tokens(rows: int, cols: int, tokens_per_side: int) -> int:
+    """Number of tokens one image takes in the language model, for a `rows` x `cols` crop grid.
+
+    With `t = tokens_per_side`, the sequence is
+    - the global view: `t` rows of `t` tokens, each row followed by a newline token: `t * (t + 1)`;
+    - one separator token between the global and the local part: `1`;
+    - the crops stitched into one `(t * rows) x (t * cols)` grid, each of its `t * rows` rows followed by a
+      newline token: `t * rows * (t * cols + 1)`.
+    The sum is `t**2 * (rows * cols + 1) + 1 + t * (rows + 1)`; 3661 for a 4 x 6 grid at `t = 12`.
+    """
+    return tokens_per_side**2 * (rows * cols + 1) + 1 + tokens_per_side * (rows + 1)
+
+
+def image_token_budget(
+    width: int, height: int, hd_num: int, image_size: int = 336, patch_size: int = 14
+) -> tuple[int, int, int]:
+    """Which grid and how many tokens a `width` x `height` image gets at `hd_num`, without touching pixels.
+
+    Returns:
+        `tuple[int, int, int]`: `(rows, cols, num_tokens)`.
+    """
+    layout = hd_layout(width, height, hd_num, image_size)
+    num_tokens = num_image_tokens(layout.rows, layout.cols, tokens_per_side(image_size, patch_size))
+    return layout.rows, layout.cols, num_tokens
+
+
+def to_pil_image(image) -> Image.Image:
+    """Turn one supported input into a PIL image (any mode; pixels untouched, EXIF orientation ignored).
+
+    Accepted: a PIL image; a path (`str` or `pathlib.Path`); a `uint8` numpy array `(H, W)` or `(H, W, C)`;
+    a `uint8` torch tensor `(H, W)`, `(C, H, W)` (torch's convention, chosen when the first dimension is 1, 3
+    or 4) or `(H, W, C)`. `C` is 1 (grey), 3 (RGB) or 4 (RGBA, alpha dropped later as `convert("RGB")` does).
+
+    Raises:
+        `FileNotFoundError`: for a path that is not an existing file.
+        `ValueError`: for any other type, dtype or shape.
+    """
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Image file not found: {str(image)!r}. Pass an existing local path (URLs are not fetched), "
+                "a PIL image, or a uint8 array."
+            )
+        image = Image.open(path)
+        image.load()  # read now and close the file
+        return image
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.dim() == 3 and image.shape[0] in (1, 3, 4):
+            image = image.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
+        image = image.numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(
+                f"Image arrays must be uint8 in [0, 255], got dtype {image.dtype}; convert with "
+                "(x * 255).round().astype(np.uint8) or pass a PIL image."
+            )
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4)):
+            return Image.fromarray(image)
+        raise ValueError(
+            f"Image arrays must be (H, W), (H, W, C) or, for torch tensors, (C, H, W) with C in 1, 3, 4; "
+            f"got shape {tuple(image.shape)}."
+        )
+    raise ValueError(
+        f"Unsupported image type {type(image).__name__}; pass a PIL image, a path, a uint8 numpy array or "
+        "torch tensor, or a list of those."
+    )
+
+
+def _resize_plane(plane: Image.Image, layout: HDLayout) -> Image.Image:
+    """Steps 1, 3 and 5 of the HD transform for one colour plane: transpose, bilinear resize, transpose back.
+
+    PIL resizes every band of an RGB image with the same integer arithmetic, so resizing the three planes
+    one by one reproduces the RGB resize exactly. The resize must happen in landscape orientation: PIL
+    resizes in two separable passes rounded to uint8 in between, so the order of the passes matters.
+
+    Args:
+        plane (`PIL.Image.Image`): One channel ("L") of the RGB image, original orientation.
+        layout (`HDLayout`): The image's layout, from `hd_layout`.
+
+    Returns:
+        `PIL.Image.Image`: "L" image of size `(layout.resized_width, layout.resized_height)`.
+    """
+    size = (layout.resized_width, layout.resized_height)
+    if not layout.transposed:
+        return plane.resize(size, Image.Resampling.BILINEAR)
+    # A mirror over the diagonal (not a rotation), as in the original.
+    plane = plane.transpose(Image.Transpose.TRANSPOSE).resize(size[::-1], Image.Resampling.BILINEAR)
+    return plane.transpose(Image.Transpose.TRANSPOSE)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    # Load lazily opened files here, once, before worker threads read the pixels. `convert` as the original:
+    # alpha is dropped (no compositing onto white), palette, grey and 16-bit modes are mapped by PIL.
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def hd_transform(image: Image.Image, hd_num: int, tile_size: int) -> Image.Image:
+    """Resize and white-pad `image` so both sides are multiples of `tile_size` (SPEC section 4, steps 1-5).
+
+    Args:
+        image (`PIL.Image.Image`): The input, any mode; converted to RGB first.
+        hd_num (`int`): Maximum number of crops.
+        tile_size (`int`): Side of one crop.
+
+    Returns:
+        `PIL.Image.Image`: RGB image of size `(layout.padded_width, layout.padded_height)`.
+    """
+    layout = hd_layout(*image.size, hd_num, tile_size)
+    image = _to_rgb(image)
+    resized = Image.merge("RGB", [_resize_plane(image.getchannel(channel), layout) for channel in range(3)])
+    canvas = Image.new("RGB", (layout.padded_width, layout.padded_height), (WHITE, WHITE, WHITE))
+    canvas.paste(resized, layout.offset)
+    return canvas
+
+
+def _write_tiles(image: Image.Image, layout: HDLayout, mean: torch.Tensor, std: torch.Tensor, tiles: torch.Tensor):
+    """HD-transform and normalise one RGB image straight into its tiles: global view, then row-major crops.
+
+    One thread per colour channel runs the whole pipeline for its plane: PIL and torch release the GIL, so
+    the channels run in parallel, and each writes its crops into place with a single copy.
+
+    Args:
+        image (`PIL.Image.Image`): RGB input.
+        layout (`HDLayout`): Its layout, from `hd_layout`.
+        mean (`torch.Tensor`), std (`torch.Tensor`): float32 `(3,)` normalisation constants.
+        tiles (`torch.Tensor`): float32 `(1 + rows * cols, 3, S, S)` output, filled in place.
+    """
+    rows, cols, size = layout.rows, layout.cols, tiles.shape[-1]
+    left, top = layout.offset
+
+    def write_channel(channel: int):
+        plane = np.asarray(_resize_plane(image.getchannel(channel), layout))  # (h, w) uint8
+        padded = torch.full((layout.padded_height, layout.padded_width), float(WHITE))
+        padded.numpy()[top : top + plane.shape[0], left : left + plane.shape[1]] = plane
+        # The same float32 operations as torchvision's ToTensor + Normalize, so the values are bit-identical.
+        padded.div_(255).sub_(mean[channel]).div_(std[channel])  # (H, W)
+        # Bicubic without antialias, on the normalised padded image in fp32, to match the published model.
+        global_view = F.interpolate(padded[None, None], size=(size, size), mode="bicubic", align_corners=False)
+        tiles[0, channel] = global_view[0, 0]
+        crops = padded.view(rows, size, cols, size).transpose(1, 2)  # (rows, cols, S, S)
+        tiles[1:, channel].view(rows, cols, size, size).copy_(crops)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        list(pool.map(write_channel, range(3)))
+
+
+class InternLMXComposer2ImageProcessorKwargs(ImagesKwargs, total=False):
+    """`hd_num`: maximum number of crops per image; `image_size`, `patch_size`: the vision tower's."""
+
+    hd_num: int
+    image_size: int
+    patch_size: int
+
+
+class InternLMXComposer2ImageProcessor(BaseImageProcessor):
+    r"""Turns images into the tiles the 4KHD vision tower sees: per image a global view, then its crops.
+
+    Args:
+        image_size (`int`, *optional*, defaults to 336):
+            Tile side, the CLIP input size.
+        patch_size (`int`, *optional*, defaults to 14):
+            CLIP patch size; with `image_size` it fixes the tokens per tile side (`tokens_per_side`).
+        hd_num (`int`, *optional*, defaults to 25):
+            Default maximum number of crops per image (the original `chat()` default; 55 for 4K images).
+        image_mean (`tuple[float]`, *optional*, defaults to CLIP's mean):
+            Per-channel mean for normalisation.
+        image_std (`tuple[float]`, *optional*, defaults to CLIP's std):
+            Per-channel standard deviation for normalisation.
+    """
+
+    model_input_names = ["pixel_values", "image_grids"]
+    valid_kwargs = InternLMXComposer2ImageProcessorKwargs
+
+    def __init__(
+        self,
+        image_size: int = 336,
+        patch_size: int = 14,
+        hd_num: int = 25,
+        image_mean: tuple[float, ...] = CLIP_MEAN,
+        image_std: tuple[float, ...] = CLIP_STD,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        tokens_per_side(image_size, patch_size)  # fail now on a patch grid the 2x2 merge cannot use
+        if len(image_mean) != 3 or len(image_std) != 3:
+            raise ValueError(
+                f"image_mean and image_std need one value per RGB channel, got {list(image_mean)} and "
+                f"{list(image_std)}; the published model uses CLIP's {list(CLIP_MEAN)} and {list(CLIP_STD)}."
+            )
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.hd_num = validate_hd_num(hd_num)
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+
+    def __call__(self, images, hd_num: int | None = None, return_tensors: str = "pt") -> BatchFeature:
+        """Same as `preprocess`."""
+        return self.preprocess(images, hd_num=hd_num, return_tensors=return_tensors)
+
+    def preprocess(self, images, hd_num: int | None = None, return_tensors: str = "pt") -> BatchFeature:
+        """HD-transform, normalise and tile one image or a list of images.
+
+        Args:
+            images:
+                One image or a list of images; each a PIL image, a path, or a uint8 array/tensor as accepted by
+                `to_pil_image`. Images may differ in size.
+            hd_num (`int`, *optional*):
+                Maximum number of crops per image; defaults to `self.hd_num`.
+            return_tensors (`str`, *optional*, defaults to `"pt"`):
+                `"pt"` for torch tensors, `"np"` for numpy arrays.
+
+        Returns:
+            `BatchFeature` with
+            - `pixel_values`: float32 `(T, 3, S, S)` with `S = image_size`; per image in order its global view,
+              then its `rows * cols` crops in row-major order, so `T = sum(rows * cols + 1)`;
+            - `image_grids`: int64 `(N, 2)`, the `(rows, cols)` of each image.
+        """
+        hd_num = self.hd_num if hd_num is None else validate_hd_num(hd_num)
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}.")
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if len(images) == 0:
+            raise ValueError("No images given; pass an image or a non-empty list of images.")
+        images = [to_pil_image(image) for image in images]
+        size = self.image_size
+        layouts = [hd_layout(*image.size, hd_num, size) for image in images]
+        mean = torch.tensor(self.image_mean, dtype=torch.float32)
+        std = torch.tensor(self.image_std, dtype=torch.float32)
+
+        # Each image writes straight into its slice of one output: no per-image tensors to concatenate.
+        pixel_values = torch.empty(sum(layout.rows * layout.cols + 1 for layout in layouts), 3, size, size)
+        start = 0
+        for image, layout in zip(images, layouts):
+            num_tiles = layout.rows * layout.cols + 1
+            _write_tiles(_to_rgb(image), layout, mean, std, pixel_values[start : start + num_tiles])
+            start += num_tiles
+
+        image_grids = torch.tensor([[layout.rows, layout.cols] for layout in layouts], dtype=torch.long)
+        data = {"pixel_values": pixel_values, "image_grids": image_grids}
+        return BatchFeature(data=data, tensor_type=return_tensors)
