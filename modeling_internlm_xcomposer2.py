@@ -165,6 +165,15 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         )
         return result.to_tuple() if return_dict is False else result
 
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_grids=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        # Images are encoded once, by the forward that sees the whole prompt (the prefill, or every step when
+        # decoding without a cache); later steps read them from the KV cache.
+        step_ids = model_inputs.get("input_ids")
+        if step_ids is not None and step_ids.shape[1] == input_ids.shape[1]:
+            model_inputs.update(pixel_values=pixel_values, image_grids=image_grids)
+        return model_inputs
+
     def _embed_with_images(self, input_ids, pixel_values, image_grids):
         """Token embeddings with each image's features written over its placeholder positions, in order."""
         inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, hidden)
