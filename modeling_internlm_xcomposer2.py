@@ -16,6 +16,7 @@ from .build_mlp import (
     merge_2x2,
 )
 from .configuration_internlm_xcomposer2 import InternLMXcomposer2Config
+from .image_processing_4khd import num_image_tokens, tokens_per_side
 from .modeling_internlm2 import CACHE_FIELD, InternLM2Model, InternLM2RMSNorm, pop_cache
 
 logger = logging.get_logger(__name__)
@@ -173,6 +174,45 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         if step_ids is not None and step_ids.shape[1] == input_ids.shape[1]:
             model_inputs.update(pixel_values=pixel_values, image_grids=image_grids)
         return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search and `num_return_sequences` repeat every batch row `expand_size` times. The image tensors
+        are not batch-major (tiles and images, not rows), so each row's images are repeated with it instead."""
+        pixel_values, image_grids = model_kwargs.pop("pixel_values", None), model_kwargs.pop("image_grids", None)
+        if pixel_values is not None and expand_size > 1:
+            pixel_values, image_grids = self._repeat_images_per_row(input_ids, pixel_values, image_grids, expand_size)
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs.update(pixel_values=pixel_values, image_grids=image_grids)
+        return expanded_ids, model_kwargs
+
+    def _repeat_images_per_row(self, input_ids, pixel_values, image_grids, repeats):
+        """Reorder images for `input_ids.repeat_interleave(repeats, 0)`: the images of row b (in prompt order)
+        followed by themselves `repeats` times, row after row."""
+        vision = self.config.vision_config
+        per_side = tokens_per_side(vision.image_size, vision.patch_size)
+        grids = image_grids.tolist()
+        slots_per_row = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
+        tile_starts = [0]
+        for rows, cols in grids:
+            tile_starts.append(tile_starts[-1] + rows * cols + 1)
+        tile_blocks, grid_blocks, image = [], [], 0
+        for slots in slots_per_row:
+            first = image
+            while slots > 0 and image < len(grids):
+                slots -= num_image_tokens(*grids[image], per_side)
+                image += 1
+            if slots != 0:
+                raise ValueError(
+                    "The image placeholders of input_ids do not split into whole images of image_grids; build "
+                    "input_ids, pixel_values and image_grids with one processor call."
+                )
+            tiles = pixel_values[tile_starts[first] : tile_starts[image]]
+            tile_blocks += [tiles] * repeats
+            grid_blocks += [image_grids[first:image]] * repeats
+        return torch.cat(tile_blocks), torch.cat(grid_blocks)
 
     def _embed_with_images(self, input_ids, pixel_values, image_grids):
         """Token embeddings with each image's features written over its placeholder positions, in order."""
