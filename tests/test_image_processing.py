@@ -353,7 +353,7 @@ def test_auto_image_processor_with_remote_code(hd, tmp_path, no_network):
 
 def test_shipped_config_holds_the_7b_defaults():
     config = json.loads((ROOT / "preprocessor_config.json").read_text())
-    assert config["auto_map"] == {"AutoImageProcessor": "image_processing_4khd.InternLMXComposer2ImageProcessor"}
+    assert config["auto_map"]["AutoImageProcessor"] == "image_processing_4khd.InternLMXComposer2ImageProcessor"
     assert config["image_processor_type"] == "InternLMXComposer2ImageProcessor"
     assert (config["image_size"], config["patch_size"], config["hd_num"]) == (336, 14, 25)
     assert config["image_mean"] == pytest.approx(CLIP_MEAN.tolist())
