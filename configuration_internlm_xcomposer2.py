@@ -47,6 +47,9 @@ class InternLMXcomposer2Config(PretrainedConfig):
             because image features replace it.
         hd_num (`int`, *optional*, defaults to 25):
             Default maximum number of 336 px crops per image (the original `chat()` default).
+        max_sequence_length (`int`, *optional*, defaults to 16384):
+            The longest sequence (prompt plus reply) `chat` accepts: the published config's `max_length`, up to
+            which the original truncated its inputs (silently; we raise instead). Old configs' `max_length` is read.
     """
 
     model_type = "internlmxcomposer2"
@@ -79,6 +82,7 @@ class InternLMXcomposer2Config(PretrainedConfig):
         plora_dropout=0.05,
         image_token_id=92537,
         hd_num=25,
+        max_sequence_length=16384,
         **kwargs,
     ):
         if rope_scaling is not None:
@@ -114,6 +118,8 @@ class InternLMXcomposer2Config(PretrainedConfig):
         self.plora_dropout = plora_dropout
         self.image_token_id = image_token_id
         self.hd_num = hd_num
+        # The published config calls it `max_length`, a name transformers reserves for generation settings.
+        self.max_sequence_length = kwargs.pop("max_length", max_sequence_length)
 
         # The published config.json asks for flash_attention_2. Without flash-attn installed that would make
         # from_pretrained fail, so fall back to SDPA (same function, slower at long sequences).

@@ -2,9 +2,11 @@
 Partial LoRA + output head, loading the published 4KHD checkpoint unchanged.
 """
 
+from threading import Thread
+
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel, TextIteratorStreamer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
@@ -16,8 +18,9 @@ from .build_mlp import (
     merge_2x2,
 )
 from .configuration_internlm_xcomposer2 import InternLMXcomposer2Config
-from .image_processing_4khd import num_image_tokens, tokens_per_side
+from .image_processing_4khd import InternLMXComposer2ImageProcessor, num_image_tokens, tokens_per_side
 from .modeling_internlm2 import CACHE_FIELD, InternLM2Model, InternLM2RMSNorm, pop_cache
+from .processing_internlm_xcomposer2 import DEFAULT_SYSTEM, TURN_END, InternLMXComposer2Processor
 
 logger = logging.get_logger(__name__)
 
@@ -228,3 +231,116 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], features)
         return inputs_embeds, image_mask
+
+    # ---- The original chat API: thin wrappers over the processor and `generate`. ----
+
+    def build_processor(self, tokenizer, hd_num=None):
+        """The processor matching this model (tile size and placeholder id from the config) around `tokenizer`."""
+        vision = self.config.vision_config
+        image_processor = InternLMXComposer2ImageProcessor(
+            image_size=vision.image_size, patch_size=vision.patch_size, hd_num=hd_num or self.config.hd_num
+        )
+        return InternLMXComposer2Processor(image_processor, tokenizer, image_token_id=self.config.image_token_id)
+
+    def _chat_inputs(self, processor, prompts, images, hd_num, max_new_tokens):
+        inputs = processor(
+            prompts, images=images, hd_num=hd_num, max_length=self.config.max_sequence_length - max_new_tokens
+        ).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    def _chat_generate_kwargs(self, tokenizer, max_new_tokens, do_sample, num_beams, temperature, top_p,
+                              repetition_penalty, kwargs):  # fmt: skip
+        """The original chat() defaults as generate() arguments; it stops at EOS or at the turn-end marker."""
+        stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(TURN_END)]
+        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+        return {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "num_beams": num_beams,
+            "repetition_penalty": repetition_penalty,
+            "eos_token_id": stop_ids,
+            "pad_token_id": tokenizer.pad_token_id,
+            **sampling,
+            **kwargs,
+        }
+
+    @torch.no_grad()
+    def chat(
+        self,
+        tokenizer,
+        query,
+        image=None,
+        hd_num=25,
+        history=[],  # noqa: B006 - the original signature; never mutated
+        streamer=None,
+        max_new_tokens=1024,
+        do_sample=True,
+        num_beams=1,
+        temperature=1.0,
+        top_p=0.8,
+        repetition_penalty=1.005,
+        meta_instruction=DEFAULT_SYSTEM,
+        **kwargs,
+    ):
+        """One chat turn, with the original signature and defaults.
+
+        Args:
+            tokenizer: the InternLM2 tokenizer.
+            query (`str`): the user's message; `<ImageHere>` marks where an image goes (at the start if absent).
+            image: `None`, an image (path, PIL image, array) or a list of them, for the placeholders of the whole
+                conversation: a follow-up turn passes the first turn's image again, as with the original.
+            history (`list[tuple[str, str]]`): earlier (query, reply) pairs.
+            streamer: a transformers streamer that receives the reply's tokens as they come.
+            kwargs: further `generate` arguments.
+        Returns:
+            `(reply, history + [(query, reply)])`.
+        """
+        processor = self.build_processor(tokenizer, hd_num)
+        prompt = processor.build_prompt(query, history, meta_instruction)
+        images = image if isinstance(image, (list, tuple)) or image is None else [image]
+        inputs = self._chat_inputs(processor, prompt, images, hd_num, max_new_tokens)
+        generate_kwargs = self._chat_generate_kwargs(
+            tokenizer, max_new_tokens, do_sample, num_beams, temperature, top_p, repetition_penalty, kwargs
+        )
+        output = self.generate(**inputs, streamer=streamer, **generate_kwargs)
+        reply = processor.postprocess(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        return reply, list(history) + [(query, reply)]
+
+    def stream_chat(self, tokenizer, query, image=None, history=[], **kwargs):  # noqa: B006
+        """Like `chat`, but yields the reply as it grows (each value is the whole reply so far)."""
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        worker = Thread(target=self.chat, args=(tokenizer, query, image), kwargs={"history": history, "streamer": streamer, **kwargs})
+        worker.start()
+        reply = ""
+        for piece in streamer:
+            reply += piece
+            yield reply.split(TURN_END)[0]
+        worker.join()
+
+    @torch.no_grad()
+    def batch_chat(self, tokenizer, queries, images=None, hd_num=25, max_new_tokens=1024, do_sample=False,
+                   num_beams=1, temperature=1.0, top_p=0.8, repetition_penalty=1.005,
+                   meta_instruction=DEFAULT_SYSTEM, **kwargs):  # fmt: skip
+        """Answer many single-turn queries in one batch (left-padded); greedy by default.
+
+        Args:
+            queries (`list[str]`): one query per request.
+            images (`list`, *optional*): per query `None`, one image or a list of images.
+        Returns:
+            `list[str]`: the replies, in order.
+        """
+        processor = self.build_processor(tokenizer, hd_num)
+        prompts = [processor.build_prompt(query, (), meta_instruction) for query in queries]
+        images = images or [None] * len(queries)
+        if len(images) != len(queries):
+            raise ValueError(f"Got {len(queries)} queries but {len(images)} image entries; pass one per query.")
+        per_prompt = [[] if own is None else list(own) if isinstance(own, (list, tuple)) else [own] for own in images]
+        inputs = self._chat_inputs(processor, prompts, per_prompt, hd_num, max_new_tokens)
+        generate_kwargs = self._chat_generate_kwargs(
+            tokenizer, max_new_tokens, do_sample, num_beams, temperature, top_p, repetition_penalty, kwargs
+        )
+        output = self.generate(**inputs, **generate_kwargs)
+        replies = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return processor.postprocess(replies)

@@ -9,7 +9,7 @@ import transformers
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .image_processing_4khd import num_image_tokens, tokens_per_side
+from .image_processing_4khd import image_token_budget, num_image_tokens, to_pil_image, tokens_per_side
 
 IMAGE_TOKEN = "<ImageHere>"
 # Turn markers of the chat format: ordinary pieces of the InternLM2 vocabulary (SPEC section 6).
@@ -149,6 +149,7 @@ class InternLMXComposer2Processor(ProcessorMixin):
         hd_num: int | None = None,
         return_tensors: str = "pt",
         padding_side: str = "left",
+        max_length: int | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Tokenise formatted prompts, expand `<ImageHere>` into placeholder ids and pad the batch.
@@ -169,6 +170,9 @@ class InternLMXComposer2Processor(ProcessorMixin):
                 `"pt"` or `"np"`.
             padding_side (`str`, *optional*, defaults to `"left"`):
                 Where to pad shorter prompts, `"left"` for generation or `"right"`.
+            max_length (`int`, *optional*):
+                Longest allowed prompt in ids; a longer one raises a `ValueError` naming the largest `hd_num` that
+                would fit. Never truncates.
             kwargs:
                 Only `None` values are accepted (e.g. `videos=None` from `apply_chat_template(tokenize=True)`).
 
@@ -178,7 +182,7 @@ class InternLMXComposer2Processor(ProcessorMixin):
 
         Raises:
             `ValueError`: if the number of `<ImageHere>` and of images disagree, if the text contains the reserved
-            image piece, or on an unsupported option.
+            image piece, if a prompt is longer than `max_length`, or on an unsupported option.
         """
         unexpected = sorted(key for key, value in kwargs.items() if value is not None)
         if unexpected:
@@ -193,7 +197,7 @@ class InternLMXComposer2Processor(ProcessorMixin):
 
         images_per_prompt = self._images_per_prompt(prompts, images)
         prompts = [self._place_images(prompt, len(own)) for prompt, own in zip(prompts, images_per_prompt)]
-        flat_images = [image for own in images_per_prompt for image in own]
+        flat_images = [to_pil_image(image) for own in images_per_prompt for image in own]
 
         data = {}
         image_lengths = []
@@ -206,9 +210,26 @@ class InternLMXComposer2Processor(ProcessorMixin):
         for prompt in prompts:
             num_images = prompt.count(IMAGE_TOKEN)
             rows.append(self._prompt_ids(prompt, image_lengths[start : start + num_images]))
+            if max_length is not None and len(rows[-1]) > max_length:
+                own = slice(start, start + num_images)
+                raise ValueError(self._too_long(len(rows[-1]), max_length, image_lengths[own], flat_images[own], hd_num))
             start += num_images
         data.update(self._pad(rows, padding_side))
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _too_long(self, length, max_length, image_lengths, images, hd_num):
+        """The error message for a prompt of `length` ids > `max_length`, with the largest hd_num that fits."""
+        message = f"The prompt is {length} ids long, more than max_length={max_length}"
+        if not images:
+            return message + "; shorten the text."
+        hd_num = self.image_processor.hd_num if hd_num is None else hd_num
+        text_length = length - sum(image_lengths)
+        size = (self.image_processor.image_size, self.image_processor.patch_size)
+        for smaller in range(hd_num - 1, 0, -1):
+            needed = text_length + sum(image_token_budget(*image.size, smaller, *size)[2] for image in images)
+            if needed <= max_length:
+                return message + f" (its {len(images)} image(s) take {sum(image_lengths)}); hd_num={smaller} fits."
+        return message + "; even hd_num=1 does not fit: shorten the text or pass fewer images."
 
     def _images_per_prompt(self, prompts: list[str], images) -> list[list]:
         """Assign the given images to the prompts: one list per prompt, checked against its `<ImageHere>` count."""

@@ -4,6 +4,7 @@ Tests load our code through `from_pretrained(folder, trust_remote_code=True)`, n
 root files directly, so they exercise the path a user takes.
 """
 
+import io
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -79,3 +81,44 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+# A fixed corpus and options, so the tiny sentencepiece model (and every id in the tests) is reproducible.
+SP_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A picture is worth a thousand words, so describe the image in detail.",
+    "The user asks a question and the assistant answers it politely.",
+    "What is in the picture? There is a cat sitting on a red chair near the window.",
+    "Please describe this image. The image shows a city street at night with many lights.",
+    "You are a helpful assistant that can read charts, documents and photos.",
+    "How many people are there? Two people are walking along the river.",
+    "Hello world! This is a tiny corpus for a tiny tokenizer used only in tests.",
+]
+
+
+@pytest.fixture(scope="session")
+def sp_model_file(tmp_path_factory):
+    """Train a byte-fallback BPE model shaped like InternLM2's: <unk>=0, <s>=1, </s>=2, no pad, the marker pieces."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SP_CORPUS * 20),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        user_defined_symbols=[f"[UNUSED_TOKEN_{index}]" for index in range(140, 147)],
+        # No normalisation and no dummy prefix, so each text segment encodes on its own terms.
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        num_threads=1,
+        minloglevel=2,
+    )
+    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path

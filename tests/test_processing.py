@@ -4,7 +4,6 @@ A tiny sentencepiece model is trained here (fixed corpus and options, so its ids
 is built by hand from that model with `sentencepiece` itself, every expected string is written out from SPEC section 6.
 """
 
-import io
 import json
 import shutil
 import sys
@@ -33,18 +32,6 @@ TILE = 56  # the tiny CLIP of conftest: 56 / 14 = 4 patches, 2 tokens per tile s
 TOKENS_PER_SIDE = 2
 CODE_FILES = ("tokenization_internlm2.py", "processing_internlm_xcomposer2.py", "image_processing_4khd.py")
 
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A picture is worth a thousand words, so describe the image in detail.",
-    "The user asks a question and the assistant answers it politely.",
-    "What is in the picture? There is a cat sitting on a red chair near the window.",
-    "Please describe this image. The image shows a city street at night with many lights.",
-    "You are a helpful assistant that can read charts, documents and photos.",
-    "How many people are there? Two people are walking along the river.",
-    "Hello world! This is a tiny corpus for a tiny tokenizer used only in tests.",
-]
-
-
 def count_for_grid(rows, cols):
     """SPEC section 5, step 6, at 2 tokens per tile side."""
     t = TOKENS_PER_SIDE
@@ -56,34 +43,6 @@ def turn(role, text):
 
 
 # ---- fixtures: a tiny sentencepiece model and a processor folder laid out like the Hub repository ----
-
-
-@pytest.fixture(scope="module")
-def sp_model_file(tmp_path_factory):
-    """Train a byte-fallback BPE model shaped like InternLM2's: <unk>=0, <s>=1, </s>=2, no pad, the marker pieces."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=400,
-        byte_fallback=True,
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        user_defined_symbols=[f"[UNUSED_TOKEN_{index}]" for index in range(140, 147)],
-        # No normalisation and no dummy prefix, so each text segment encodes on its own terms.
-        normalization_rule_name="identity",
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        num_threads=1,
-        minloglevel=2,
-    )
-    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return path
 
 
 @pytest.fixture(scope="module")
