@@ -27,7 +27,7 @@ test-tf4: .venv-tf4/.done
 test: test-tf5 test-tf4
 
 demo: .venv-tf5/.done
-	.venv-tf5/bin/python scripts/demo.py
+	.venv-tf5/bin/python scripts/chat.py
 
 bench: .venv-tf5/.done
 	.venv-tf5/bin/python bench/bench_llm.py
