@@ -105,7 +105,6 @@ class InternLMXcomposer2Config(PretrainedConfig):
         self.use_cache = use_cache
         self.bias = bias
         self.rope_theta = rope_theta
-        self.head_dim = hidden_size // num_attention_heads
 
         if vision_config is None:
             vision_config = dict(CLIP_VIT_L_336)

@@ -115,7 +115,9 @@ class PLoRA(nn.Linear):
         if lora_mask is None:
             return out
         delta = self.Plora_B(self.Plora_A(self.lora_dropout(x)) * lora_mask)
-        return torch.add(out, delta, alpha=self.lora_scaling)
+        # In place: autograd does not need a linear's output for its backward, and a new tensor per linear
+        # costs a full-size allocation and copy.
+        return out.add_(delta, alpha=self.lora_scaling)
 
 
 def plora(config, name, in_features, out_features):
@@ -248,7 +250,8 @@ class InternLM2Model(nn.Module):
             [InternLM2DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
         self.norm = InternLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = InternLM2RotaryEmbedding(config.head_dim, config.rope_theta)
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.rotary_emb = InternLM2RotaryEmbedding(head_dim, config.rope_theta)
         self.gradient_checkpointing = False
 
     def forward(
