@@ -16,7 +16,8 @@ import pytest
 import sentencepiece as spm
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+# Facts about the published checkpoint (copies of the project reference): its config.json and all tensor names/shapes.
+REFERENCE = ROOT / "tests" / "fixtures"
 
 # No test may reach the network, and remote-code modules are copied into a throwaway cache.
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, SHARED, TINY_CONFIG, write_model_dir
+from conftest import ROOT, REFERENCE, TINY_CONFIG, write_model_dir
 from transformers import AutoConfig, AutoModelForCausalLM
 
 PUBLISHED_SHARDS = ("pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin")
@@ -162,13 +162,13 @@ def test_verify_reports_mis_shaped_tensor(published_copy, verify, capsys):
 
 def test_published_config_is_checked_against_the_shipped_model(verify, tmp_path):
     """The published config.json has no vision fields, so the repo root's full config is the reference."""
-    shutil.copy(SHARED / "reference" / "published_config.json", tmp_path / "config.json")
+    shutil.copy(REFERENCE / "published_config.json", tmp_path / "config.json")
     assert verify.default_config_folder(tmp_path) == ROOT
     assert verify.default_config_folder(write_model_dir(tmp_path / "ours", TINY_CONFIG)) == tmp_path / "ours"
 
 
 def test_expected_shapes_equal_the_published_names(verify):
-    lines = (SHARED / "reference" / "checkpoint_keys.tsv").read_text().splitlines()
+    lines = (REFERENCE / "checkpoint_keys.tsv").read_text().splitlines()
     published = {}
     for line in lines[1:]:
         name, shape = line.split("\t")

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 import transformers
 from accelerate import init_empty_weights
-from conftest import ROOT, SHARED, TINY_CONFIG, write_model_dir
+from conftest import ROOT, REFERENCE, TINY_CONFIG, write_model_dir
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 CLASS_NAME = "InternLMXComposer2ForCausalLM"
 PLORA_NAMES = ("wqkv", "wo", "w1", "w2", "w3")
 PAD_ID = 2
 SHIPPED_CONFIG = json.loads((ROOT / "config.json").read_text())
-PUBLISHED_CONFIG = json.loads((SHARED / "reference" / "published_config.json").read_text())
+PUBLISHED_CONFIG = json.loads((REFERENCE / "published_config.json").read_text())
 # The tiny CLIP of conftest: 56 px tiles of 14 px patches -> 4 x 4 patches -> 2 x 2 tokens after the 2x2 merge.
 TOKENS_PER_SIDE = TINY_CONFIG["vision_config"]["image_size"] // TINY_CONFIG["vision_config"]["patch_size"] // 2
 
@@ -138,7 +138,7 @@ def test_save_load_roundtrip_is_bit_exact(saved):
 
 
 def test_shipped_config_has_published_names_shapes_and_size(meta_7b):
-    lines = (SHARED / "reference" / "checkpoint_keys.tsv").read_text().splitlines()
+    lines = (REFERENCE / "checkpoint_keys.tsv").read_text().splitlines()
     assert lines[0].startswith("#")
     expected = {}
     for line in lines[1:]:
