@@ -98,7 +98,7 @@ def test_published_usage_lines_run_unchanged(quiet_dir, processor, monkeypatch):
 
 def test_second_turn_builds_the_exact_next_prompt(model, tokenizer, processor, chat_dir, monkeypatch):
     image = str(chat_dir / "doc.png")
-    reply, history = model.chat(tokenizer, QUERY, image=image, do_sample=False, max_new_tokens=4, hd_num=4)
+    reply, history = model.chat(tokenizer, QUERY, image=image, do_sample=False, max_new_tokens=4, hd_num=6)
     seen = {}
     original_generate = model.generate
 
@@ -107,8 +107,8 @@ def test_second_turn_builds_the_exact_next_prompt(model, tokenizer, processor, c
         return original_generate(**kwargs)
 
     monkeypatch.setattr(model, "generate", spy)
-    model.chat(tokenizer, "And the colour?", image=image, history=history, do_sample=False, max_new_tokens=4, hd_num=4)
-    expected = processor(processor.build_prompt("And the colour?", [(QUERY, reply)]), images=[image], hd_num=4)
+    model.chat(tokenizer, "And the colour?", image=image, history=history, do_sample=False, max_new_tokens=4, hd_num=6)
+    expected = processor(processor.build_prompt("And the colour?", [(QUERY, reply)]), images=[image], hd_num=6)
     assert torch.equal(seen["input_ids"], expected["input_ids"])
     assert torch.equal(seen["image_grids"], expected["image_grids"])
     assert torch.equal(seen["pixel_values"], expected["pixel_values"])
@@ -156,3 +156,24 @@ def test_prompt_longer_than_max_sequence_length_names_the_hd_num_that_fits(model
     finally:
         model.config.max_sequence_length = original
     assert isinstance(reply, str)
+
+
+def generate_new(model, inputs, **kwargs):
+    prompt_length = inputs["input_ids"].shape[1]
+    return model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, **kwargs)[:, prompt_length:]
+
+
+@pytest.mark.parametrize("options", [{"num_beams": 3}, {"num_beams": 3, "num_return_sequences": 2}])
+def test_beam_search_with_images_in_a_batch_equals_per_sample(model, processor, chat_dir, options):
+    """Two prompts whose images have different grids (2 x 3 and 3 x 2): each row keeps its own images."""
+    prompts = [processor.build_prompt(QUERY), processor.build_prompt("<ImageHere>How many people are there?")]
+    images = [[str(chat_dir / "doc.png")], [str(chat_dir / "tall.png")]]
+    batch = processor(prompts, images=images, hd_num=6)
+    assert batch["image_grids"].tolist() == [[2, 3], [3, 2]]
+    alone = [generate_new(model, processor(p, images=i, hd_num=6), **options) for p, i in zip(prompts, images)]
+    assert torch.equal(generate_new(model, batch, **options), torch.cat(alone))
+
+
+def test_cached_greedy_equals_uncached_greedy_with_images(model, processor, chat_dir):
+    inputs = processor(processor.build_prompt(QUERY), images=[str(chat_dir / "doc.png")], hd_num=6)
+    assert torch.equal(generate_new(model, inputs, use_cache=True), generate_new(model, inputs, use_cache=False))
