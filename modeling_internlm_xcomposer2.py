@@ -305,19 +305,32 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
             tokenizer, max_new_tokens, do_sample, num_beams, temperature, top_p, repetition_penalty, kwargs
         )
         output = self.generate(**inputs, streamer=streamer, **generate_kwargs)
-        reply = processor.postprocess(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        new_ids = output[0, inputs["input_ids"].shape[1] :]
+        reply = processor.postprocess(tokenizer.decode(new_ids, skip_special_tokens=True))
         return reply, list(history) + [(query, reply)]
 
     def stream_chat(self, tokenizer, query, image=None, history=[], **kwargs):  # noqa: B006
-        """Like `chat`, but yields the reply as it grows (each value is the whole reply so far)."""
+        """Like `chat`, but yields the reply as it grows (each value is the whole reply so far). An error in
+        `chat` (bad input, a prompt too long) is raised here, after ending the stream, instead of hanging it."""
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        worker = Thread(target=self.chat, args=(tokenizer, query, image), kwargs={"history": history, "streamer": streamer, **kwargs})
+        errors = []
+
+        def run():
+            try:
+                self.chat(tokenizer, query, image, history=history, streamer=streamer, **kwargs)
+            except Exception as error:
+                errors.append(error)
+                streamer.end()
+
+        worker = Thread(target=run)
         worker.start()
         reply = ""
         for piece in streamer:
             reply += piece
             yield reply.split(TURN_END)[0]
         worker.join()
+        if errors:
+            raise errors[0]
 
     @torch.no_grad()
     def batch_chat(self, tokenizer, queries, images=None, hd_num=25, max_new_tokens=1024, do_sample=False,

@@ -16,10 +16,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from threading import Thread
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,21 +66,15 @@ def build_tiny_model_dir(folder: Path) -> Path:
 
 
 def answer(model, tokenizer, query, image, history, args):
-    """Stream one reply to stdout; returns the reply, the new history and the time to the first token."""
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    result = {}
-    options = dict(hd_num=args.hd_num, history=history, streamer=streamer, max_new_tokens=args.max_new_tokens,
-                   do_sample=args.sample)  # fmt: skip
-    worker = Thread(target=lambda: result.update(out=model.chat(tokenizer, query, image=image, **options)))
-    start = time.perf_counter()
-    worker.start()
-    first_token_s = None
-    for piece in streamer:
+    """Stream one reply to stdout; returns the reply and the time to its first printed piece."""
+    start, first_token_s, printed = time.perf_counter(), None, ""
+    options = dict(hd_num=args.hd_num, history=history, max_new_tokens=args.max_new_tokens, do_sample=args.sample)
+    for reply in model.stream_chat(tokenizer, query, image=image, **options):
         first_token_s = first_token_s or time.perf_counter() - start
-        print(piece, end="", flush=True)
-    worker.join()
+        print(reply[len(printed) :], end="", flush=True)
+        printed = reply
     print()
-    return (*result["out"], first_token_s or time.perf_counter() - start)
+    return printed, first_token_s or time.perf_counter() - start
 
 
 def main(argv=None):
@@ -113,7 +106,8 @@ def main(argv=None):
         history, query = [], args.query
         while True:
             print(f"user: {query}\nassistant: ", end="", flush=True)
-            _, history, first_token_s = answer(model, tokenizer, query, args.image, history, args)
+            reply, first_token_s = answer(model, tokenizer, query, args.image, history, args)
+            history = history + [(query, reply)]
             print(f"[time to first token {first_token_s * 1000:.0f} ms on {model.device}]")
             if not args.interactive:
                 break

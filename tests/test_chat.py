@@ -3,6 +3,7 @@ batch_chat are exactly processor + generate."""
 
 import json
 import shutil
+import threading
 
 import pytest
 import sentencepiece as spm
@@ -129,6 +130,23 @@ def test_stream_chat_yields_the_reply_chat_returns(model, tokenizer, chat_dir):
     pieces = list(model.stream_chat(tokenizer, QUERY, image=image, do_sample=False, max_new_tokens=8, min_new_tokens=8, hd_num=4))
     assert pieces[-1] == reply
     assert all(later.startswith(earlier) for earlier, later in zip(pieces, pieces[1:]))
+
+
+def test_stream_chat_raises_errors_instead_of_hanging(model, tokenizer, chat_dir):
+    stream = model.stream_chat(tokenizer, "<ImageHere><ImageHere>Two images?", image=str(chat_dir / "doc.png"))
+    outcome = []
+
+    def consume():  # in a thread, so that a regression fails this test instead of hanging the suite
+        try:
+            list(stream)
+        except ValueError as error:
+            outcome.append(str(error))
+
+    worker = threading.Thread(target=consume, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "stream_chat hung after chat() failed"
+    assert len(outcome) == 1 and "contains 2 <ImageHere> but 1 images" in outcome[0]
 
 
 def test_batch_chat_equals_one_by_one(model, tokenizer, chat_dir):
