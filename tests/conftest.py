@@ -65,6 +65,24 @@ def write_model_dir(path: Path, config: dict) -> Path:
     return path
 
 
+def write_processor_dir(path: Path, sp_model_file: Path, image_token_id: int, tokenizer_config=None) -> Path:
+    """Our code, a tokenizer.model and the shipped tokenizer/processor JSON files in `path`, with the tiny tile
+    size of TINY_VISION and the tiny vocabulary's `image_token_id`."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in REMOTE_CODE_FILES:
+        shutil.copy(ROOT / name, path / name)
+    shutil.copy(sp_model_file, path / "tokenizer.model")
+    if tokenizer_config is None:
+        tokenizer_config = json.loads((ROOT / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    processor_config = json.loads((ROOT / "processor_config.json").read_text())
+    (path / "processor_config.json").write_text(json.dumps({**processor_config, "image_token_id": image_token_id}))
+    image_config = json.loads((ROOT / "preprocessor_config.json").read_text())
+    tile = {"image_size": TINY_VISION["image_size"], "patch_size": TINY_VISION["patch_size"]}
+    (path / "preprocessor_config.json").write_text(json.dumps({**image_config, **tile}))
+    return path
+
+
 @pytest.fixture
 def tiny_dir(tmp_path) -> Path:
     """A folder holding our code and a tiny config, as a user's downloaded repo would."""

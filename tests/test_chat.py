@@ -1,14 +1,13 @@
 """The original chat API on a tiny model: the published usage lines run unchanged, and chat, stream_chat and
 batch_chat are exactly processor + generate."""
 
-import json
 import shutil
 import threading
 
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import ROOT, TINY_CONFIG, write_model_dir
+from conftest import TINY_CONFIG, write_model_dir, write_processor_dir
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
@@ -22,12 +21,7 @@ def chat_dir(tmp_path_factory, sp_model_file):
     image_token_id = sp.piece_to_id("[UNUSED_TOKEN_140]")
     config = {**TINY_CONFIG, "vocab_size": sp.vocab_size(), "image_token_id": image_token_id}
     folder = write_model_dir(tmp_path_factory.mktemp("chat") / "tiny", config)
-    shutil.copy(sp_model_file, folder / "tokenizer.model")
-    shutil.copy(ROOT / "tokenizer_config.json", folder / "tokenizer_config.json")
-    processor_config = json.loads((ROOT / "processor_config.json").read_text())
-    (folder / "processor_config.json").write_text(json.dumps({**processor_config, "image_token_id": image_token_id}))
-    image_config = json.loads((ROOT / "preprocessor_config.json").read_text())
-    (folder / "preprocessor_config.json").write_text(json.dumps({**image_config, "image_size": 56}))
+    write_processor_dir(folder, sp_model_file, image_token_id)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=True), trust_remote_code=True)
     model.save_pretrained(folder)

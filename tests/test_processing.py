@@ -5,13 +5,12 @@ is built by hand from that model with `sentencepiece` itself, every expected str
 """
 
 import json
-import shutil
 import sys
 
 import numpy as np
 import pytest
 import sentencepiece as spm
-from conftest import ROOT
+from conftest import ROOT, write_processor_dir
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer
 
@@ -30,7 +29,6 @@ DEFAULT_SYSTEM = (
 )
 TILE = 56  # the tiny CLIP of conftest: 56 / 14 = 4 patches, 2 tokens per tile side after the 2x2 merge
 TOKENS_PER_SIDE = 2
-CODE_FILES = ("tokenization_internlm2.py", "processing_internlm_xcomposer2.py", "image_processing_4khd.py")
 
 def count_for_grid(rows, cols):
     """SPEC section 5, step 6, at 2 tokens per tile side."""
@@ -48,24 +46,6 @@ def turn(role, text):
 @pytest.fixture(scope="module")
 def sp(sp_model_file):
     return spm.SentencePieceProcessor(model_file=str(sp_model_file))
-
-
-def write_processor_dir(path, sp_model_file, image_token_id, tokenizer_config=None):
-    """Our code, tokenizer.model and the shipped JSON files (tiny tile size and image_token_id) in `path`."""
-    path.mkdir(parents=True, exist_ok=True)
-    for name in CODE_FILES:
-        shutil.copy(ROOT / name, path / name)
-    shutil.copy(sp_model_file, path / "tokenizer.model")
-    if tokenizer_config is None:
-        tokenizer_config = json.loads((ROOT / "tokenizer_config.json").read_text())
-    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    processor_config = json.loads((ROOT / "processor_config.json").read_text())
-    processor_config["image_token_id"] = image_token_id
-    (path / "processor_config.json").write_text(json.dumps(processor_config))
-    image_config = json.loads((ROOT / "preprocessor_config.json").read_text())
-    image_config.update(image_size=TILE, patch_size=14)
-    (path / "preprocessor_config.json").write_text(json.dumps(image_config))
-    return path
 
 
 @pytest.fixture(scope="module")
