@@ -41,6 +41,9 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_attention_backend = True
     _supports_cache_class = True
     _supports_static_cache = True
+    # The Trainer passes `num_items_in_batch` (labelled tokens of the whole accumulated batch) to `forward`, which
+    # hands it to the loss, so gradient accumulation averages over tokens exactly like one large batch.
+    accepts_loss_kwargs = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -128,12 +131,16 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
             inputs_embeds (`(B, T, hidden)`) with image_mask (`(B, T)` bool), *optional*: ready embeddings, e.g. with
                 image features already in place; `image_mask` says which positions get Partial LoRA.
             labels (`(B, T)`, *optional*): targets for the shifted cross-entropy; -100 is ignored.
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*, in `kwargs`): the number of labelled tokens over
+                all micro-batches of one optimizer step; the loss is then their sum divided by it (the Trainer's
+                gradient accumulation). Without it the loss is the mean over this batch's labelled tokens.
             logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep`
                 positions (0 = all), so prefill need not build full-vocabulary logits for every position.
         Returns:
             `CausalLMOutputWithPast`.
         """
         past_key_values = pop_cache(past_key_values, kwargs)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if pixel_values is not None:
             if input_ids is None:
                 raise ValueError("`pixel_values` need `input_ids` holding the image placeholder ids.")
@@ -156,10 +163,14 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.output(hidden_states[:, keep])
+        if pixel_values is None and self._vision_needs_gradients():
+            logits = logits + self._zero_vision_term().to(logits.device)
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+            )
 
         result = CausalLMOutputWithPast(
             loss=loss,
@@ -168,6 +179,20 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
             **{CACHE_FIELD: outputs[CACHE_FIELD] if CACHE_FIELD in outputs else None},
         )
         return result.to_tuple() if return_dict is False else result
+
+    def _vision_needs_gradients(self) -> bool:
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        vision = [self.plora_glb_GN, self.plora_sub_GN, *self.vit.parameters(), *self.vision_proj.parameters()]
+        return any(parameter.requires_grad for parameter in vision)
+
+    def _zero_vision_term(self):
+        """0 times the features of one blank image: training batches without images still give every trainable
+        vision parameter a (zero) gradient, which DDP, FSDP and ZeRO need from every process at every step."""
+        size = self.config.vision_config.image_size
+        tiles = self.vit.vision_tower.vision_model.embeddings.patch_embedding.weight.new_zeros(2, 3, size, size)
+        features = self.get_image_features(tiles, torch.ones(1, 2, dtype=torch.long, device=tiles.device))[0]
+        return features.sum() * 0
 
     def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_grids=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)

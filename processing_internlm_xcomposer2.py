@@ -278,12 +278,14 @@ class InternLMXComposer2Processor(ProcessorMixin):
         cut = 0 if cut < 0 else cut + len(user_turn)
         return prompt[:cut] + IMAGE_TOKEN * num_images + prompt[cut:]
 
-    def _prompt_ids(self, prompt: str, image_lengths: list[int]) -> list[int]:
-        """Ids of one prompt: each non-empty text segment with its own BOS, each image as its placeholder run."""
+    def _prompt_ids(self, prompt: str, image_lengths: list[int], bos_per_segment: bool = True) -> list[int]:
+        """Ids of one prompt: the text segments between `<ImageHere>` tokenised one by one, each image as its run of
+        placeholder ids. BOS goes before every non-empty segment (the chat rule) or, with `bos_per_segment=False`,
+        before the first one only (the training rule, SPEC section 7)."""
         segments = prompt.split(IMAGE_TOKEN)
         texts = [segment for segment in segments if segment]
-        text_ids = iter(self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else [])
-        ids = []
+        text_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        ids, need_bos = [], True
         for index, segment in enumerate(segments):
             if segment:
                 segment_ids = next(text_ids)
@@ -293,13 +295,120 @@ class InternLMXComposer2Processor(ProcessorMixin):
                         f"The text contains {piece!r}, the piece reserved for image positions (id "
                         f"{self.image_token_id}). Remove it from the text; write {IMAGE_TOKEN} where an image goes."
                     )
-                ids += segment_ids
+                ids += [self.tokenizer.bos_token_id] * need_bos + segment_ids
+                need_bos = bos_per_segment
             if index < len(image_lengths):
                 ids += [self.image_token_id] * image_lengths[index]
-        if not image_lengths:
+        if not image_lengths and bos_per_segment:
             # The original text-only chat tokenised "<s>" + prompt with BOS: two BOS ids (SPEC section 6).
             ids = [self.tokenizer.bos_token_id] + ids
         return ids
+
+    # ---- Training examples (SPEC section 7) ----
+
+    def training_text(self, messages) -> str:
+        """The training text of a conversation: its user and assistant turns in the chat format, no system turn.
+
+        Args:
+            messages (`list[dict]`): `{"role": "user" | "assistant", "content": str}` turns, in order; contents are
+                stripped, as the official fine-tuning code does.
+        """
+        for index, message in enumerate(messages):
+            if message.get("role") not in ("user", "assistant") or not isinstance(message.get("content"), str):
+                raise ValueError(
+                    f"Turn {index} of the conversation is {message!r}; every turn needs a role 'user' or "
+                    "'assistant' and a string content."
+                )
+        turns = [{"role": message["role"], "content": message["content"].strip()} for message in messages]
+        return self.apply_chat_template([{"role": "system", "content": ""}] + turns, add_generation_prompt=False)
+
+    def training_example(self, messages, images=(), hd_num: int | None = None, max_length: int | None = None):
+        """Input ids and labels of one training conversation, the way the official fine-tuning builds them.
+
+        The text is `training_text(messages)` followed by EOS; BOS comes only at the very start; each `<ImageHere>`
+        becomes the image's placeholder run. Labels are `mask_human_turns` of the ids with image positions set to
+        -100, so the loss covers the assistant turns (their turn-end marker included) and the final EOS.
+
+        Args:
+            messages (`list[dict]`): the turns, see `training_text`.
+            images (sequence, *optional*): one image (anything the image processor accepts) per `<ImageHere>`.
+            hd_num (`int`, *optional*): maximum crops per image; defaults to the image processor's.
+            max_length (`int`, *optional*): longest allowed example; a longer one raises (never truncated).
+
+        Returns:
+            `BatchFeature` with 1-D `input_ids` and `labels` tensors, and `pixel_values` and `image_grids` when there
+            are images.
+
+        Raises:
+            `ValueError`: if the number of `<ImageHere>` and of images differ, or the example is longer than
+            `max_length`.
+        """
+        text = self.training_text(messages)
+        images = [to_pil_image(image) for image in images]
+        self._check_image_count(text, len(images))
+        data, image_lengths = {}, []
+        if images:
+            data = dict(self.image_processor(images, hd_num=hd_num, return_tensors="pt"))
+            side = tokens_per_side(self.image_processor.image_size, self.image_processor.patch_size)
+            image_lengths = [num_image_tokens(rows, cols, side) for rows, cols in data["image_grids"].tolist()]
+        ids = self._prompt_ids(text, image_lengths, bos_per_segment=False) + [self.tokenizer.eos_token_id]
+        if max_length is not None and len(ids) > max_length:
+            raise ValueError(self._too_long(len(ids), max_length, image_lengths, images, hd_num))
+        labels = np.array(self.mask_human_turns(ids))
+        labels[np.array(ids) == self.image_token_id] = -100
+        data.update(input_ids=np.array(ids, dtype=np.int64), labels=labels.astype(np.int64))
+        return BatchFeature(data=data, tensor_type="pt")
+
+    def training_length(self, messages, image_sizes=(), hd_num: int | None = None) -> int:
+        """Length in ids of `training_example(messages, images, hd_num)` from the images' `(width, height)` alone,
+        without decoding pixels: what a dataset needs to drop over-long examples before training."""
+        text = self.training_text(messages)
+        self._check_image_count(text, len(image_sizes))
+        hd_num = self.image_processor.hd_num if hd_num is None else hd_num
+        size = (self.image_processor.image_size, self.image_processor.patch_size)
+        image_lengths = [image_token_budget(width, height, hd_num, *size)[2] for width, height in image_sizes]
+        return len(self._prompt_ids(text, image_lengths, bos_per_segment=False)) + 1
+
+    @staticmethod
+    def _check_image_count(text: str, num_images: int):
+        if text.count(IMAGE_TOKEN) != num_images:
+            raise ValueError(
+                f"The conversation contains {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} but {num_images} images were "
+                f"given; a training example needs exactly one {IMAGE_TOKEN} per image."
+            )
+
+    def mask_human_turns(self, ids: list[int]) -> list[int]:
+        """Labels of the official fine-tuning (SPEC section 7) for ids laid out by `training_example`.
+
+        Scanning the turn-end markers: one that closes a user turn masks everything from the end of the previous
+        answer through itself and the assistant header after it; one that closes an answer records where the answer
+        ended. The first EOS is trained and everything after it is masked. Ids cut off inside a question (no EOS,
+        even marker count) are masked from one past the last answer's marker on. Images are not masked here.
+        """
+        turn_end_id = self.tokenizer.convert_tokens_to_ids(TURN_END)
+        labels = list(ids)
+        ends, answer_end = 0, 0
+        for index, token in enumerate(ids):
+            if token == turn_end_id:
+                if ends % 2 == 0:
+                    stop = min(index + 1 + self._assistant_header_length, len(ids))
+                    labels[answer_end:stop] = [-100] * (stop - answer_end)
+                else:
+                    answer_end = index + 1
+                ends += 1
+            elif token == self.tokenizer.eos_token_id:
+                labels[index + 1 :] = [-100] * (len(ids) - index - 1)
+                return labels
+        if ends % 2 == 0:
+            labels[answer_end + 1 :] = [-100] * max(len(ids) - answer_end - 1, 0)
+        return labels
+
+    @property
+    def _assistant_header_length(self) -> int:
+        """Ids between a user turn's end marker and the first id of the answer: `"\n" + TURN_START + "assistant\n"`
+        tokenised in context (5 in the published vocabulary), so the rule holds for any tokenizer."""
+        ids = self.tokenizer(TURN_END + "\n" + TURN_START + "assistant\n", add_special_tokens=False)["input_ids"]
+        return len(ids) - 1 - ids.index(self.tokenizer.convert_tokens_to_ids(TURN_END))
 
     def _pad(self, rows: list[list[int]], padding_side: str) -> dict[str, np.ndarray]:
         """Pad id rows to one length with the tokenizer's pad id; the mask is 0 exactly on the pads."""
