@@ -87,6 +87,7 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     args = parser.parse_args(argv)
+    width, height = to_pil_image(args.image).size  # a bad image fails here, before minutes of loading
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
@@ -99,16 +100,21 @@ def main(argv=None):
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 
         vision = model.config.vision_config
-        width, height = to_pil_image(args.image).size
         rows, cols, tokens = image_token_budget(width, height, args.hd_num, vision.image_size, vision.patch_size)
         print(f"image {args.image}: {width}x{height}, hd_num {args.hd_num} -> {rows} x {cols} crops, {tokens} image tokens")
 
         history, query = [], args.query
         while True:
             print(f"user: {query}\nassistant: ", end="", flush=True)
-            reply, first_token_s = answer(model, tokenizer, query, args.image, history, args)
-            history = history + [(query, reply)]
-            print(f"[time to first token {first_token_s * 1000:.0f} ms on {model.device}]")
+            try:
+                reply, first_token_s = answer(model, tokenizer, query, args.image, history, args)
+            except ValueError as error:
+                if not args.interactive:
+                    raise
+                print(f"\nerror: {error}")  # a bad turn (e.g. too long) keeps the session and its history
+            else:
+                history = history + [(query, reply)]
+                print(f"[time to first token {first_token_s * 1000:.0f} ms on {model.device}]")
             if not args.interactive:
                 break
             try:
@@ -120,4 +126,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as error:  # bad input: one clear line instead of a traceback
+        sys.exit(f"error: {error}")
