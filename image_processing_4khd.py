@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFile, UnidentifiedImageError
 from transformers import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
@@ -174,51 +174,142 @@ def image_token_budget(
     return layout.rows, layout.cols, num_tokens
 
 
+# What Pillow raises for a file it recognised but cannot decode (truncated or corrupt data, impossible headers).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+
+
 def to_pil_image(image) -> Image.Image:
-    """Turn one supported input into a PIL image (any mode; pixels untouched, EXIF orientation ignored).
+    """Turn one supported input into a decoded PIL image (any mode; pixels untouched).
 
     Accepted: a PIL image; a path (`str` or `pathlib.Path`); a `uint8` numpy array `(H, W)` or `(H, W, C)`;
     a `uint8` torch tensor `(H, W)`, `(C, H, W)` (torch's convention, chosen when the first dimension is 1, 3
     or 4) or `(H, W, C)`. `C` is 1 (grey), 3 (RGB) or 4 (RGBA, alpha dropped later as `convert("RGB")` does).
 
+    As with the original `Image.open(path).convert("RGB")`:
+    - EXIF orientation is ignored: a photo stored sideways with an orientation tag stays sideways (apply
+      `PIL.ImageOps.exif_transpose` first to get it upright);
+    - a multi-frame file (animated GIF, APNG or WebP, multi-page TIFF) gives its first frame; a PIL image
+      gives the frame it is on.
+
+    Pixels are decoded here, so a broken file fails with its name before any other work. A file (a path, or
+    a PIL image opened from one) with more than `PIL.Image.MAX_IMAGE_PIXELS` pixels is refused before its
+    pixels are decoded; Pillow itself only warns up to twice that limit. Images made in memory are not limited.
+
     Raises:
-        `FileNotFoundError`: for a path that is not an existing file.
-        `ValueError`: for any other type, dtype or shape.
+        `FileNotFoundError`: for a path that does not exist.
+        `IsADirectoryError`: for a path to a directory.
+        `ValueError`: for a file Pillow cannot read or decode, a file over the pixel limit, an empty image,
+            or any other type, dtype or shape.
     """
-    if isinstance(image, Image.Image):
-        return image
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"Image file not found: {str(image)!r}. Pass an existing local path (URLs are not fetched), "
-                "a PIL image, or a uint8 array."
-            )
-        image = Image.open(path)
-        image.load()  # read now and close the file
-        return image
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu()
-        if image.dim() == 3 and image.shape[0] in (1, 3, 4):
-            image = image.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
-        image = image.numpy()
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise ValueError(
-                f"Image arrays must be uint8 in [0, 255], got dtype {image.dtype}; convert with "
-                "(x * 255).round().astype(np.uint8) or pass a PIL image."
-            )
-        if image.ndim == 3 and image.shape[-1] == 1:
-            image = image[..., 0]
-        if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4)):
-            return Image.fromarray(image)
+        image = _open_image_file(Path(image))
+    elif isinstance(image, Image.Image):
+        filename = getattr(image, "filename", "")
+        _decode(image, f"image file {filename!r}" if filename else "the image")
+    elif isinstance(image, (torch.Tensor, np.ndarray)):
+        image = _array_to_pil(image)
+    else:
         raise ValueError(
-            f"Image arrays must be (H, W), (H, W, C) or, for torch tensors, (C, H, W) with C in 1, 3, 4; "
-            f"got shape {tuple(image.shape)}."
+            f"Unsupported image type {type(image).__name__}; pass a PIL image, a path, a uint8 numpy array or "
+            "torch tensor, or a list of those."
         )
+    if image.width == 0 or image.height == 0:
+        raise ValueError(
+            f"The image is empty ({image.width} x {image.height} pixels); pass an image with at least one pixel "
+            "in each direction."
+        )
+    return image
+
+
+def _open_image_file(path: Path) -> Image.Image:
+    """Open and decode the image file at `path` (its first frame), and close the file."""
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{str(path)!r} is a directory, not an image file; pass the path of one image file inside it."
+        )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Image file not found: {str(path)!r}. Pass an existing local path (URLs are not fetched), "
+            "a PIL image, or a uint8 array."
+        )
+    name = f"image file {str(path)!r}"
+    try:
+        opened = Image.open(path)
+    except Image.DecompressionBombError as error:
+        # Pillow refuses above twice the limit while reading the header; `_decode` refuses the rest.
+        raise _too_many_pixels(name, f"over {2 * Image.MAX_IMAGE_PIXELS}") from error
+    except UnidentifiedImageError as error:
+        raise ValueError(
+            f"Cannot read {name}: Pillow does not recognise its format. Pass a PNG, JPEG, WebP, GIF, TIFF or BMP "
+            "file, and check that the path points at the image, not at e.g. a text or HTML file."
+        ) from error
+    except DECODE_ERRORS as error:
+        raise _undecodable(name, error) from error
+    # The context closes the file also for multi-frame formats, which Pillow otherwise keeps open to seek in.
+    with opened:
+        _decode(opened, name)
+    return opened
+
+
+def _decode(image: Image.Image, name: str):
+    """Decode a lazily opened image now, so that errors name the file; a no-op for an image in memory.
+
+    An image read from a file is checked against the pixel limit on its header size, before decoding.
+    """
+    if isinstance(image, ImageFile.ImageFile):
+        if image.tile and image.fp is None:
+            # Pillow would fail on a bare assert here.
+            raise ValueError(
+                f"Cannot decode {name}: its file was closed before the pixels were read, e.g. by leaving a "
+                "`with Image.open(...)` block. Call image.load() inside the block, or pass the path instead."
+            )
+        limit = Image.MAX_IMAGE_PIXELS  # read at call time, so a limit the user raised applies
+        pixels = image.width * image.height
+        if limit is not None and pixels > limit:
+            raise _too_many_pixels(name, f"{image.width} x {image.height} = {pixels}")
+    try:
+        image.load()
+    except DECODE_ERRORS as error:
+        raise _undecodable(name, error) from error
+
+
+def _too_many_pixels(name: str, pixels: str) -> ValueError:
+    return ValueError(
+        f"Refusing to decode {name}: it has {pixels} pixels, more than PIL.Image.MAX_IMAGE_PIXELS = "
+        f"{Image.MAX_IMAGE_PIXELS} (Pillow's guard against decompression bombs). If you trust the file, raise the "
+        "limit before passing it (`PIL.Image.MAX_IMAGE_PIXELS = <pixel count>`, or None to switch the check off); "
+        "otherwise pass a downscaled copy."
+    )
+
+
+def _undecodable(name: str, error: Exception) -> ValueError:
+    return ValueError(
+        f"Cannot decode {name}: {str(error).rstrip('.')}. If the file is truncated or corrupt, download or export "
+        "it again; to accept a partly decoded image, set `PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True` yourself."
+    )
+
+
+def _array_to_pil(array) -> Image.Image:
+    """A numpy array or torch tensor of uint8 pixels as a PIL image (the layouts of `to_pil_image`)."""
+    uint8 = torch.uint8 if isinstance(array, torch.Tensor) else np.uint8
+    if array.dtype != uint8:
+        raise ValueError(
+            f"Image arrays must hold uint8 pixels in [0, 255], got dtype {array.dtype}; convert with "
+            "(x * 255).round() cast to uint8, or pass a PIL image. Pre-processed pixel_values go to the model "
+            "with their image_grids, not to the image processor."
+        )
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        if array.dim() == 3 and array.shape[0] in (1, 3, 4):
+            array = array.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
+        array = array.numpy()
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4)):
+        return Image.fromarray(array)
     raise ValueError(
-        f"Unsupported image type {type(image).__name__}; pass a PIL image, a path, a uint8 numpy array or "
-        "torch tensor, or a list of those."
+        f"Image arrays must be (H, W), (H, W, C) or, for torch tensors, (C, H, W) with C in 1, 3, 4; got shape "
+        f"{tuple(array.shape)}. Pass several images as a list; transpose a (C, H, W) numpy array to (H, W, C)."
     )
 
 
