@@ -9,7 +9,13 @@ import transformers
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .image_processing_4khd import image_token_budget, num_image_tokens, to_pil_image, tokens_per_side
+from .image_processing_4khd import (
+    image_token_budget,
+    num_image_tokens,
+    to_pil_image,
+    tokens_per_side,
+    validate_hd_num,
+)
 
 IMAGE_TOKEN = "<ImageHere>"
 # Turn markers of the chat format: ordinary pieces of the InternLM2 vocabulary (SPEC section 6).
@@ -191,6 +197,8 @@ class InternLMXComposer2Processor(ProcessorMixin):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}.")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+        if hd_num is not None:
+            hd_num = validate_hd_num(hd_num)  # also for text-only calls, so a bad value never passes silently
         prompts = [text] if isinstance(text, str) else list(text)
         if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
             raise ValueError("text must be a prompt string or a non-empty list of prompt strings.")
@@ -364,7 +372,7 @@ class InternLMXComposer2Processor(ProcessorMixin):
         without decoding pixels: what a dataset needs to drop over-long examples before training."""
         text = self.training_text(messages)
         self._check_image_count(text, len(image_sizes))
-        hd_num = self.image_processor.hd_num if hd_num is None else hd_num
+        hd_num = validate_hd_num(self.image_processor.hd_num if hd_num is None else hd_num)
         size = (self.image_processor.image_size, self.image_processor.patch_size)
         image_lengths = [image_token_budget(width, height, hd_num, *size)[2] for width, height in image_sizes]
         return len(self._prompt_ids(text, image_lengths, bos_per_segment=False)) + 1

@@ -265,3 +265,11 @@ def test_mixed_batch_rows_equal_single_rows_through_the_model(folder, processor)
             losses.append((single.loss, int((example["labels"][1:] != IGNORE).sum())))
     token_mean = sum(loss * count for loss, count in losses) / sum(count for _, count in losses)
     assert abs(batched.loss - token_mean) < 1e-5
+
+
+@pytest.mark.parametrize("hd_num", [0, -3, 2.5, "9"])
+def test_bad_hd_num_is_refused_even_without_images(processor, hd_num):
+    with pytest.raises(ValueError, match="hd_num must be"):
+        processor(processor.build_prompt("Hello"), hd_num=hd_num)
+    with pytest.raises(ValueError, match="hd_num must be"):
+        processor.training_length(TWO_TURNS, [], hd_num)
