@@ -352,6 +352,7 @@ class InternLMXComposer2Processor(ProcessorMixin):
             `max_length`.
         """
         text = self.training_text(messages)
+        hd_num = validate_hd_num(self.image_processor.hd_num if hd_num is None else hd_num)
         images = [to_pil_image(image) for image in images]
         self._check_image_count(text, len(images))
         data, image_lengths = {}, []

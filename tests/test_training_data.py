@@ -273,3 +273,5 @@ def test_bad_hd_num_is_refused_even_without_images(processor, hd_num):
         processor(processor.build_prompt("Hello"), hd_num=hd_num)
     with pytest.raises(ValueError, match="hd_num must be"):
         processor.training_length(TWO_TURNS, [], hd_num)
+    with pytest.raises(ValueError, match="hd_num must be"):
+        processor.training_example(TWO_TURNS, hd_num=hd_num)
