@@ -4,6 +4,7 @@ Tests load our code through `from_pretrained(folder, trust_remote_code=True)`, n
 root files directly, so they exercise the path a user takes.
 """
 
+import importlib.util
 import io
 import json
 import os
@@ -52,6 +53,16 @@ TINY_CONFIG = {
     "plora_ranks": {"wqkv": 4, "wo": 8, "w1": 8, "w2": 8, "w3": 8},
     "plora_alphas": {"wqkv": 8, "wo": 8, "w1": 8, "w2": 8, "w3": 8},
 }
+
+
+def load_file(relative_path: str):
+    """A Python file of this repository imported by path as a module named after it (the root files and scripts/
+    are not a package)."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_model_dir(path: Path, config: dict) -> Path:

@@ -2,13 +2,12 @@
 keys, so does their safetensors copy, and scripts/verify_checkpoint.py reports what does not match.
 """
 
-import importlib.util
 import json
 import shutil
 
 import pytest
 import torch
-from conftest import ROOT, REFERENCE, TINY_CONFIG, write_model_dir
+from conftest import ROOT, REFERENCE, TINY_CONFIG, load_file, write_model_dir
 from transformers import AutoConfig, AutoModelForCausalLM
 
 PUBLISHED_SHARDS = ("pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin")
@@ -16,11 +15,7 @@ PUBLISHED_SHARDS = ("pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-
 
 @pytest.fixture(scope="module")
 def verify():
-    """scripts/verify_checkpoint.py, imported by path (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("verify_checkpoint", ROOT / "scripts" / "verify_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("scripts/verify_checkpoint.py")
 
 
 def tiny_state_dict(folder):

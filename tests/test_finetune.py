@@ -3,7 +3,6 @@ set: the loss falls (full and LoRA), LoRA trains only its adapter and keeps Part
 accumulation and checkpointing change nothing, two DDP processes stay identical, a resumed run continues the same
 loss curve, and a merged adapter gives the adapter's logits."""
 
-import importlib.util
 import json
 import os
 import random
@@ -15,7 +14,7 @@ import textwrap
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import ROOT, TINY_CONFIG, write_model_dir, write_processor_dir
+from conftest import ROOT, TINY_CONFIG, load_file, write_model_dir, write_processor_dir
 from peft import PeftModel
 from PIL import Image, ImageDraw
 from safetensors import safe_open
@@ -42,16 +41,8 @@ pytestmark = [
 ]
 
 
-def load_script(name):
-    """A module of scripts/ imported by path (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune = load_script("finetune")
-merge_lora = load_script("merge_lora")
+finetune = load_file("scripts/finetune.py")
+merge_lora = load_file("scripts/merge_lora.py")
 
 
 def write_model(folder, sp_model_file, **overrides):

@@ -3,7 +3,6 @@
 Every expected value comes from an independent implementation written here from SPEC sections 4 and 5.
 """
 
-import importlib.util
 import json
 import math
 import shutil
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, load_file
 from PIL import Image, ImageDraw
 from transformers import AutoImageProcessor
 
@@ -24,10 +23,7 @@ TINY_TILE = 56  # the tiny CLIP of conftest: 56 / 14 = 4 patches, 2 tokens per s
 @pytest.fixture(scope="module")
 def hd():
     """The root module, imported by path (for the pure functions; loading through Auto is tested below)."""
-    spec = importlib.util.spec_from_file_location("image_processing_4khd", ROOT / "image_processing_4khd.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("image_processing_4khd.py")
 
 
 # ---- independent references, straight from SPEC section 4 ----

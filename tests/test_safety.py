@@ -2,11 +2,10 @@
 safetensors by default."""
 
 import ast
-import importlib.util
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CONFIG, write_model_dir
+from conftest import ROOT, TINY_CONFIG, load_file, write_model_dir
 from transformers import AutoConfig, AutoModelForCausalLM
 
 # Everything of ours that runs on a user's machine: the remote code, the scripts and the benchmarks.
@@ -81,9 +80,7 @@ def test_a_bin_with_code_in_its_pickle_is_refused(model_folder, tmp_path):
 
 
 def test_verify_checkpoint_refuses_code_in_a_bin(model_folder, tmp_path):
-    spec = importlib.util.spec_from_file_location("verify_checkpoint", ROOT / "scripts" / "verify_checkpoint.py")
-    verify = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(verify)
+    verify = load_file("scripts/verify_checkpoint.py")
     marker = tmp_path / "pwned"
     (model_folder / "model.safetensors").unlink()
     torch.save({"payload": OpensAFile(marker)}, model_folder / "pytorch_model.bin")

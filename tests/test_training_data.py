@@ -1,29 +1,20 @@
 """Training examples (SPEC section 7): ids and labels against ones built by hand from raw sentencepiece, the
 data.txt mixing file, dropping over-long samples, and batches that mix images and text."""
 
-import importlib.util
 import json
 import logging
 
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import ROOT, TINY_CONFIG, write_model_dir, write_processor_dir
+from conftest import TINY_CONFIG, load_file, write_model_dir, write_processor_dir
 from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
 IGNORE = -100
 
 
-def load_script(name):
-    """A module of scripts/ imported by path (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-data = load_script("finetune_data")
+data = load_file("scripts/finetune_data.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,16 @@
 """The vision side: every token of the global-local layout lands where SPEC section 5 puts it, and the tiny
 CLIP tower runs the same code path as the 7B one, from pixels to projected features."""
 
-import importlib.util
 import itertools
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CONFIG
+from conftest import ROOT, TINY_CONFIG, load_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, CLIPVisionModel
 
 
-def load_root_module(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build_mlp = load_root_module("build_mlp")
-image_processing = load_root_module("image_processing_4khd")
+build_mlp = load_file("build_mlp.py")
+image_processing = load_file("image_processing_4khd.py")
 
 NEWLINE, SEPARATOR = -1.0, -2.0
 
