@@ -5,7 +5,8 @@ conversations in the official JSON format (SPEC section 7; data loading in `fine
         --bf16 --use_lora --learning_rate 5e-5 --gradient_checkpointing --per_device_train_batch_size 1
 
 Every `TrainingArguments` option works (DeepSpeed and FSDP configs are in `configs/`); the options added here are
-the dataclass fields below. The output folder holds the model (or the LoRA adapter) with the tokenizer and processor
+the dataclass fields below. `--resume_from_checkpoint last` continues from the newest complete checkpoint in
+`--output_dir`, e.g. after the job was killed. The output folder holds the model (or the LoRA adapter) with the tokenizer and processor
 files; merge an adapter into full weights with `scripts/merge_lora.py`.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 # finetune_data.py sits beside this file; make it importable when this file is loaded by path, not run as a script.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -87,6 +89,25 @@ def prepare_training_args(training_args: TrainingArguments):
     )
     if getattr(training_args, name) is None:
         setattr(training_args, name, {"use_reentrant": False})
+
+
+def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
+    """The checkpoint to resume from: a given path as is, or for `last` the newest complete checkpoint in
+    `output_dir` (one whose `trainer_state.json`, written last, exists; a run killed while saving leaves an
+    incomplete folder behind), or `None` to start afresh when there is none yet."""
+    if resume_from_checkpoint != "last":
+        return resume_from_checkpoint
+    complete = [
+        path
+        for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()
+    ]
+    if not complete:
+        logger.warning(f"No complete checkpoint in {output_dir} to resume from; training starts from the beginning.")
+        return None
+    last = max(complete, key=lambda path: int(path.name.split("-")[-1]))
+    logger.info(f"Resuming from {last}.")
+    return str(last)
 
 
 def select_trainable(model, model_args: ModelArguments, checkpointing: bool):
@@ -166,7 +187,8 @@ def main(argv=None, callbacks=None) -> Trainer:
         processing_class=processor,
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()  # the model or adapter, and the processor with its tokenizer
     trainer.save_state()
     return trainer

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import sentencepiece as spm
@@ -113,6 +114,10 @@ class Recorder(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+
+
+def losses_by_step(trainer):
+    return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
 
 
 def changed_parameters(model, start):
@@ -372,13 +377,60 @@ def test_resumed_run_continues_the_same_loss_curve(model_dir, data_file, tmp_pat
     checkpoint = tmp_path / "straight" / "checkpoint-3"
     assert (checkpoint / "trainer_state.json").is_file()
     resumed = run_finetune(model_dir, data_file, tmp_path / "resumed", *options, "--resume_from_checkpoint", checkpoint)
-
-    def losses_by_step(trainer):
-        return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
-
     expected, got = losses_by_step(straight), losses_by_step(resumed)
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert max(abs(got[step] - expected[step]) for step in (4, 5, 6)) <= 1e-5
+
+
+SLOW_WRAPPER = """
+    import sys, time
+    from transformers import TrainerCallback
+
+    sys.path.insert(0, sys.argv[1])
+    import finetune
+
+
+    class Slow(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            time.sleep(0.3)
+
+
+    finetune.main(sys.argv[2:], callbacks=[Slow()])
+"""
+
+
+def test_killed_run_resumes_from_its_last_complete_checkpoint(model_dir, data_file, processor, tmp_path):
+    """A training process killed mid-run (SIGKILL, no clean-up) continues with `--resume_from_checkpoint last`
+    from its newest complete checkpoint, skipping a half-written one, and logs the uninterrupted run's losses."""
+    options = ["--max_steps", "10", "--save_strategy", "steps", "--save_steps", "2"]
+    wrapper = tmp_path / "slow_wrapper.py"
+    wrapper.write_text(textwrap.dedent(SLOW_WRAPPER))
+    output_dir = tmp_path / "killed"
+    argv = ["--model_name_or_path", model_dir, "--data_path", data_file, "--output_dir", output_dir, *COMMON_OPTIONS]
+    command = [sys.executable, wrapper, ROOT / "scripts", *argv, *options]
+    process = subprocess.Popen([str(arg) for arg in command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    try:
+        for _ in range(1200):  # up to 2 minutes for loading and 4 steps
+            if (output_dir / "checkpoint-4" / "trainer_state.json").is_file() or process.poll() is not None:
+                break
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, errors = process.communicate()
+    assert process.returncode == -signal.SIGKILL, errors[-3000:]
+    assert not (output_dir / "checkpoint-10").exists()
+    complete = sorted(int(path.parent.name.split("-")[1]) for path in output_dir.glob("checkpoint-*/trainer_state.json"))
+    assert complete and complete[-1] >= 4
+    (output_dir / "checkpoint-9").mkdir()  # a checkpoint the kill cut short: no trainer_state.json
+    (output_dir / "checkpoint-9" / "model.safetensors").write_bytes(b"partial")
+    assert finetune.resolve_checkpoint("last", output_dir) == str(output_dir / f"checkpoint-{complete[-1]}")
+
+    resumed = run_finetune(model_dir, data_file, output_dir, *options, "--resume_from_checkpoint", "last")
+    straight = run_finetune(model_dir, data_file, tmp_path / "straight", *options)
+    got, expected = losses_by_step(resumed), losses_by_step(straight)
+    assert resumed.state.global_step == 10 and sorted(got) == sorted(expected) == list(range(1, 11))
+    assert max(abs(got[step] - expected[step]) for step in got) <= 1e-5
 
 
 def test_merged_lora_model_gives_the_adapter_logits(lora_run, model_dir, data_file, tmp_path):
