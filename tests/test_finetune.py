@@ -456,3 +456,9 @@ def test_bad_arguments_raise_before_loading(option, value, message, tmp_path):
     argv = ["--model_name_or_path", str(tmp_path / "absent"), "--data_path", "x.json", "--output_dir", str(tmp_path)]
     with pytest.raises(ValueError, match=message):
         finetune.main([*argv, option, value])
+
+
+def test_training_and_saving_need_no_network(model_dir, data_file, tmp_path, no_network):
+    trainer = run_finetune(model_dir, data_file, tmp_path / "offline", "--max_steps", "2", *LORA_OPTIONS)
+    assert trainer.state.global_step == 2
+    assert (tmp_path / "offline" / "adapter_model.safetensors").is_file()
