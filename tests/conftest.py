@@ -94,6 +94,16 @@ def write_processor_dir(path: Path, sp_model_file: Path, image_token_id: int, to
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_processor(tmp_path_factory, sp_model_file):
+    """The processor over the tiny tokenizer and TINY_VISION tiles, loaded as remote code the way a user loads it."""
+    from transformers import AutoProcessor
+
+    image_token_id = spm.SentencePieceProcessor(model_file=str(sp_model_file)).piece_to_id("[UNUSED_TOKEN_140]")
+    folder = write_processor_dir(tmp_path_factory.mktemp("tiny_processor"), sp_model_file, image_token_id)
+    return AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+
+
 @pytest.fixture
 def tiny_dir(tmp_path) -> Path:
     """A folder holding our code and a tiny config, as a user's downloaded repo would."""

@@ -8,22 +8,17 @@ import warnings
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
-from conftest import write_processor_dir
 from PIL import Image, ImageFile, ImageOps
-from transformers import AutoProcessor
 
 TILE = 56  # the tiny CLIP of conftest
 EXIF_ORIENTATION = 0x0112
 
 
 @pytest.fixture(scope="module")
-def processor(tmp_path_factory, sp_model_file):
+def processor(tiny_processor):
     """The processor as a user loads it: errors must reach it (and so chat) unchanged."""
-    image_token_id = spm.SentencePieceProcessor(model_file=str(sp_model_file)).piece_to_id("[UNUSED_TOKEN_140]")
-    folder = write_processor_dir(tmp_path_factory.mktemp("bad_images"), sp_model_file, image_token_id)
-    return AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    return tiny_processor
 
 
 @pytest.fixture(scope="module")

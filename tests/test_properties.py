@@ -12,13 +12,11 @@ import sys
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
-from conftest import TINY_VISION, write_processor_dir
+from conftest import TINY_VISION
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from transformers import AutoProcessor
 
 TILE, PATCH = TINY_VISION["image_size"], TINY_VISION["patch_size"]
 MODES = ["RGB", "L", "RGBA", "P", "CMYK", "I;16"]
@@ -33,10 +31,9 @@ def property_settings(max_examples):
 
 # @given tests may only take module- or session-scoped fixtures, so these two are module-scoped.
 @pytest.fixture(scope="module")
-def processor(tmp_path_factory, sp_model_file):
-    image_token_id = spm.SentencePieceProcessor(model_file=str(sp_model_file)).piece_to_id("[UNUSED_TOKEN_140]")
-    folder = write_processor_dir(tmp_path_factory.mktemp("properties"), sp_model_file, image_token_id)
-    return AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+def processor(tiny_processor):
+    """The processor as a user loads it: errors must reach it (and so chat) unchanged."""
+    return tiny_processor
 
 
 @pytest.fixture(scope="module")
