@@ -27,8 +27,15 @@ class CLIPVisionEmbeddings(nn.Module):
     def forward(self, pixel_values):
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (T, C, n, n)
         patches = patches.flatten(2).transpose(1, 2)  # (T, n*n, C)
-        cls = self.class_embedding.expand(patches.shape[0], 1, -1)  # (T, 1, C)
-        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight  # (T, 1 + n*n, C)
+        # Under autocast the convolution's output is fp16 while the class embedding keeps the weights' dtype, and
+        # autocast refuses to concatenate bf16 with fp16: join them in their common dtype (a no-op otherwise).
+        dtype = torch.promote_types(self.class_embedding.dtype, patches.dtype)
+        cls = self.class_embedding.to(dtype).expand(patches.shape[0], 1, -1)  # (T, 1, C)
+        embeddings = torch.cat([cls, patches.to(dtype)], dim=1)  # (T, 1 + n*n, C)
+        # Called as a module, not read as `.weight`: with offloading (`device_map`), accelerate loads a module's
+        # weights only when that module runs.
+        positions = torch.arange(embeddings.shape[1], device=embeddings.device)
+        return embeddings + self.position_embedding(positions)
 
 
 class CLIPVisionTransformer(nn.Module):

@@ -4,12 +4,14 @@ The decoder knows nothing of images except a per-token image mask: positions whe
 low-rank branch of each `PLoRA` linear. Parameter names follow the published checkpoint.
 """
 
+import functools
 import inspect
 
 import torch
 from torch import nn
+from transformers import BitsAndBytesConfig
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -75,12 +77,13 @@ class InternLM2RotaryEmbedding(nn.Module):
         self.base = base
 
     @torch.no_grad()
-    def forward(self, x, position_ids):
-        exponent = torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32) / self.head_dim
+    def forward(self, position_ids, dtype):
+        """cos and sin `(B, T, hd)` of `position_ids`, computed in fp32 and rounded to `dtype`."""
+        exponent = torch.arange(0, self.head_dim, 2, device=position_ids.device, dtype=torch.float32) / self.head_dim
         inv_freq = 1.0 / (self.base**exponent)
         freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate_half(x):
@@ -89,12 +92,15 @@ def rotate_half(x):
 
 
 def apply_rotary_pos_emb(q, k, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd), broadcast over heads
+    # In the query's dtype: under fp16 autocast over bf16 weights, the original rotated its fp16 queries with its
+    # bf16 cos/sin tables cast to fp16. Without autocast this is a no-op.
+    cos, sin = cos.to(q.dtype).unsqueeze(1), sin.to(q.dtype).unsqueeze(1)  # (B, 1, T, hd), broadcast over heads
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-class PLoRA(nn.Linear):
-    """A bias-free linear plus a low-rank branch `Plora_B(Plora_A(x)) * alpha / rank` added at image positions.
+class PartialLoRA:
+    """Mixin for a bias-free linear class: adds the low-rank branch `Plora_B(Plora_A(x)) * alpha / rank` at image
+    positions. Mixed into `nn.Linear` (`PLoRA`) and, for bitsandbytes loading, into its quantised linears.
 
     `lora_mask` is `(B, T, 1)` in the activation dtype: 1 at image positions, 0 elsewhere, or None when the
     forward has no image positions at all. The mask is applied to the rank-r activation, the smallest tensor
@@ -103,8 +109,8 @@ class PLoRA(nn.Linear):
     so decoding and text-only prompts cost what the plain LLM costs.
     """
 
-    def __init__(self, in_features, out_features, rank, alpha, dropout):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features, out_features, rank, alpha, dropout, **base_kwargs):
+        super().__init__(in_features, out_features, bias=False, **base_kwargs)
         self.Plora_A = nn.Linear(in_features, rank, bias=False)
         self.Plora_B = nn.Linear(rank, out_features, bias=False)
         self.lora_scaling = alpha / rank
@@ -120,10 +126,46 @@ class PLoRA(nn.Linear):
         return out.add_(delta, alpha=self.lora_scaling)
 
 
+class PLoRA(PartialLoRA, nn.Linear):
+    """A bias-free `nn.Linear` with the Partial LoRA branch (see `PartialLoRA`)."""
+
+
+@functools.cache
+def quantized_plora_class(base):
+    """`PartialLoRA` over a bitsandbytes linear class (`Linear4bit`, `Linear8bitLt`). transformers' bitsandbytes
+    loading replaces only plain linears, and would either leave a `PLoRA` unquantised (5.x) or swap it for a
+    branchless linear and drop the branch weights (4.57); so the model builds these itself and the quantiser
+    fills their weights. `source_cls` is the attribute transformers' replacement leaves on a quantised linear
+    and its quantiser reads (a Conv1D source would need transposing)."""
+    attributes = {"__doc__": f"`PartialLoRA` over `{base.__name__}`.", "source_cls": nn.Linear}
+    return type(f"PLoRA{base.__name__}", (PartialLoRA, base), attributes)
+
+
+def plora_linear_class(config):
+    """The class and extra constructor arguments of the Partial LoRA linears: `PLoRA`, or a quantised variant when
+    the model is being loaded with a bitsandbytes `quantization_config` (set on the config before `__init__`)."""
+    quantization = getattr(config, "quantization_config", None)
+    if not isinstance(quantization, BitsAndBytesConfig):
+        return PLoRA, {}
+    import bitsandbytes as bnb
+
+    if quantization.load_in_4bit:
+        return quantized_plora_class(bnb.nn.Linear4bit), {
+            "compute_dtype": quantization.bnb_4bit_compute_dtype,
+            "compress_statistics": quantization.bnb_4bit_use_double_quant,
+            "quant_type": quantization.bnb_4bit_quant_type,
+            "quant_storage": quantization.bnb_4bit_quant_storage,
+        }
+    return quantized_plora_class(bnb.nn.Linear8bitLt), {
+        "has_fp16_weights": quantization.llm_int8_has_fp16_weight,
+        "threshold": quantization.llm_int8_threshold,
+    }
+
+
 def plora(config, name, in_features, out_features):
-    return PLoRA(
-        in_features, out_features, config.plora_ranks[name], config.plora_alphas[name], config.plora_dropout
-    )
+    linear_class, base_kwargs = plora_linear_class(config)
+    rank, alpha = config.plora_ranks[name], config.plora_alphas[name]
+    return linear_class(in_features, out_features, rank, alpha, config.plora_dropout, **base_kwargs)
 
 
 def repeat_kv(hidden_states, n_rep):
@@ -287,11 +329,12 @@ class InternLM2Model(nn.Module):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
 
-        seq_len = inputs_embeds.shape[1]
         cache_position = kwargs.pop("cache_position", None)
         if cache_position is None:
+            # A static cache counts its length in a device tensor: adding it (not `arange(past, past + T)`) keeps
+            # the host from waiting for the device.
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            cache_position = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)
+            cache_position = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0)
 
@@ -301,10 +344,14 @@ class InternLM2Model(nn.Module):
         # PLoRA parameter is in the graph and DDP never sees an unused parameter; its gradient is then zero.
         if image_mask is None and self.training:
             image_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
-        lora_mask = None if image_mask is None else image_mask[..., None].to(inputs_embeds.dtype)  # (B, T, 1)
+        lora_mask = None
+        if image_mask is not None:
+            lora_mask = image_mask[..., None].to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)  # (B, T, 1)
 
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        # cos/sin rounded to the weights' dtype, like the original's cached tables: under autocast the activations
+        # may be wider (fp32 image features) or narrower (fp16 queries) than the weights.
+        position_embeddings = self.rotary_emb(position_ids.to(inputs_embeds.device), self.norm.weight.dtype)
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
             if output_hidden_states:

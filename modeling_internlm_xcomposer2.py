@@ -2,11 +2,12 @@
 Partial LoRA + output head, loading the published 4KHD checkpoint unchanged.
 """
 
+import copy
 from threading import Thread
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel, TextIteratorStreamer
+from transformers import BitsAndBytesConfig, GenerationMixin, PreTrainedModel, TextIteratorStreamer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
@@ -17,12 +18,16 @@ from .build_mlp import (
     global_local_layout,
     merge_2x2,
 )
-from .configuration_internlm_xcomposer2 import InternLMXcomposer2Config
+from .configuration_internlm_xcomposer2 import PLORA_RANKS, InternLMXcomposer2Config
 from .image_processing_4khd import InternLMXComposer2ImageProcessor, num_image_tokens, tokens_per_side
 from .modeling_internlm2 import CACHE_FIELD, InternLM2Model, InternLM2RMSNorm, pop_cache
 from .processing_internlm_xcomposer2 import DEFAULT_SYSTEM, TURN_END, InternLMXComposer2Processor
 
 logger = logging.get_logger(__name__)
+
+# Left unquantised by bitsandbytes loading unless `llm_int8_skip_modules` says otherwise: the vision tower and the
+# projector (small, and the image path is the most sensitive) and the LM head (as transformers keeps heads).
+DEFAULT_QUANTIZATION_SKIP = ["vit", "vision_proj", "output"]
 
 
 class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
@@ -78,6 +83,30 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         elif isinstance(module, InternLMXComposer2ForCausalLM):
             module.plora_glb_GN.data.normal_(mean=0.0, std=std)
             module.plora_sub_GN.data.normal_(mean=0.0, std=std)
+
+    @classmethod
+    def from_pretrained(cls, *args, quantization_config=None, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with a bitsandbytes `quantization_config` completed for this model.
+
+        The Partial LoRA linears are built quantised by the model itself (`quantized_plora_class`), so their names
+        and their branches' (`Plora_A`, `Plora_B`, kept in the load dtype) are added to `llm_int8_skip_modules`:
+        that only stops transformers from replacing them with branchless linears. Without a skip list of the
+        user's, `DEFAULT_QUANTIZATION_SKIP` (vision tower, projector, LM head) stays unquantised.
+        """
+        if kwargs.get("load_in_4bit") or kwargs.get("load_in_8bit"):
+            raise ValueError(
+                "load_in_4bit/load_in_8bit are not supported here (the Partial LoRA branches would be dropped); pass "
+                "quantization_config=BitsAndBytesConfig(load_in_4bit=True) or BitsAndBytesConfig(load_in_8bit=True)."
+            )
+        if isinstance(quantization_config, dict) and quantization_config.get("quant_method") == "bitsandbytes":
+            quantization_config = BitsAndBytesConfig.from_dict(quantization_config)
+        if isinstance(quantization_config, BitsAndBytesConfig):
+            quantization_config = copy.deepcopy(quantization_config)
+            skip = quantization_config.llm_int8_skip_modules
+            skip = list(DEFAULT_QUANTIZATION_SKIP if skip is None else skip)
+            skip += [name for name in (*PLORA_RANKS, "Plora_A", "Plora_B") if name not in skip]
+            quantization_config.llm_int8_skip_modules = skip
+        return super().from_pretrained(*args, quantization_config=quantization_config, **kwargs)
 
     def get_input_embeddings(self):
         return self.model.tok_embeddings
@@ -164,7 +193,7 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.output(hidden_states[:, keep])
         if pixel_values is None and self._vision_needs_gradients():
-            logits = logits + self._zero_vision_term().to(logits.device)
+            logits = logits + self._zero_vision_term(logits.device)
 
         loss = None
         if labels is not None:
@@ -186,13 +215,13 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         vision = [self.plora_glb_GN, self.plora_sub_GN, *self.vit.parameters(), *self.vision_proj.parameters()]
         return any(parameter.requires_grad for parameter in vision)
 
-    def _zero_vision_term(self):
-        """0 times the features of one blank image: training batches without images still give every trainable
-        vision parameter a (zero) gradient, which DDP, FSDP and ZeRO need from every process at every step."""
+    def _zero_vision_term(self, device):
+        """0 times the features of one blank image, on `device`: training batches without images still give every
+        trainable vision parameter a (zero) gradient, which DDP, FSDP and ZeRO need from every process at every step."""
         size = self.config.vision_config.image_size
-        tiles = self.vit.vision_tower.vision_model.embeddings.patch_embedding.weight.new_zeros(2, 3, size, size)
-        features = self.get_image_features(tiles, torch.ones(1, 2, dtype=torch.long, device=tiles.device))[0]
-        return features.sum() * 0
+        tiles = torch.zeros(2, 3, size, size, device=device)  # the tower casts pixels to its own dtype and device
+        features = self.get_image_features(tiles, torch.ones(1, 2, dtype=torch.long))[0]
+        return features.sum().to(device) * 0
 
     def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_grids=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
@@ -245,7 +274,8 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
     def _embed_with_images(self, input_ids, pixel_values, image_grids):
         """Token embeddings with each image's features written over its placeholder positions, in order."""
         inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, hidden)
-        image_mask = input_ids == self.config.image_token_id  # (B, T)
+        # On the embedding's device: with a `device_map` the ids may arrive elsewhere.
+        image_mask = (input_ids == self.config.image_token_id).to(inputs_embeds.device)  # (B, T)
         features = torch.cat(self.get_image_features(pixel_values, image_grids))  # (sum L_i, hidden)
         num_slots = int(image_mask.sum())
         if num_slots != features.shape[0]:
@@ -253,8 +283,11 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
                 f"The prompt has {num_slots} image placeholder positions but the images give {features.shape[0]} "
                 "image tokens. Build input_ids and pixel_values with the same processor call and the same hd_num."
             )
-        features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
-        inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], features)
+        # The common dtype of both, as the original's concatenation of text and image embeddings: the same dtype
+        # normally; fp32 under fp16 autocast over bf16 weights, so the fp16 image features are not rounded to bf16.
+        dtype = torch.promote_types(inputs_embeds.dtype, features.dtype)
+        features = features.to(device=inputs_embeds.device, dtype=dtype)
+        inputs_embeds = inputs_embeds.to(dtype).masked_scatter(image_mask[..., None], features)
         return inputs_embeds, image_mask
 
     # ---- The original chat API: thin wrappers over the processor and `generate`. ----
@@ -339,10 +372,16 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         `chat` (bad input, a prompt too long) is raised here, after ending the stream, instead of hanging it."""
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors = []
+        # Autocast is per thread: carry the caller's (e.g. the model card's fp16 autocast) into the worker.
+        device_type = self.device.type
+        autocast = torch.autocast(
+            device_type, torch.get_autocast_dtype(device_type), enabled=torch.is_autocast_enabled(device_type)
+        )
 
         def run():
             try:
-                self.chat(tokenizer, query, image, history=history, streamer=streamer, **kwargs)
+                with autocast:
+                    self.chat(tokenizer, query, image, history=history, streamer=streamer, **kwargs)
             except Exception as error:
                 errors.append(error)
                 streamer.end()
