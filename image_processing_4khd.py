@@ -375,8 +375,14 @@ def _write_tiles(image: Image.Image, layout: HDLayout, mean: torch.Tensor, std: 
     """
     rows, cols, size = layout.rows, layout.cols, tiles.shape[-1]
     left, top = layout.offset
+    # Inference mode is per thread: `tiles` made under the caller's may only be written under it.
+    inference = torch.is_inference_mode_enabled()
 
     def write_channel(channel: int):
+        with torch.inference_mode(inference):
+            _write_channel(channel)
+
+    def _write_channel(channel: int):
         plane = np.asarray(_resize_plane(image.getchannel(channel), layout))  # (h, w) uint8
         padded = torch.full((layout.padded_height, layout.padded_width), float(WHITE))
         padded.numpy()[top : top + plane.shape[0], left : left + plane.shape[1]] = plane

@@ -354,3 +354,14 @@ def test_shipped_config_holds_the_7b_defaults():
     assert (config["image_size"], config["patch_size"], config["hd_num"]) == (336, 14, 25)
     assert config["image_mean"] == pytest.approx(CLIP_MEAN.tolist())
     assert config["image_std"] == pytest.approx(CLIP_STD.tolist())
+
+
+def test_works_under_inference_mode(hd):
+    """The channel threads write into tiles made under the caller's inference mode (it is per thread)."""
+    processor = hd.InternLMXComposer2ImageProcessor()
+    image = Image.new("RGB", (800, 600), (10, 200, 30))
+    expected = processor(image, hd_num=4)["pixel_values"]
+    with torch.inference_mode():
+        got = processor(image, hd_num=4)["pixel_values"]
+    assert got.shape == expected.shape == (1 + 4, 3, 336, 336)
+    assert torch.equal(got, expected)
