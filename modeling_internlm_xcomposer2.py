@@ -296,7 +296,9 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         """The processor matching this model (tile size and placeholder id from the config) around `tokenizer`."""
         vision = self.config.vision_config
         image_processor = InternLMXComposer2ImageProcessor(
-            image_size=vision.image_size, patch_size=vision.patch_size, hd_num=hd_num or self.config.hd_num
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            hd_num=self.config.hd_num if hd_num is None else hd_num,
         )
         return InternLMXComposer2Processor(image_processor, tokenizer, image_token_id=self.config.image_token_id)
 
@@ -355,9 +357,10 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         Returns:
             `(reply, history + [(query, reply)])`.
         """
+        images = image if isinstance(image, (list, tuple)) or image is None else [image]
+        self._check_query(query, images)
         processor = self.build_processor(tokenizer, hd_num)
         prompt = processor.build_prompt(query, history, meta_instruction)
-        images = image if isinstance(image, (list, tuple)) or image is None else [image]
         inputs = self._chat_inputs(processor, prompt, images, hd_num, max_new_tokens)
         generate_kwargs = self._chat_generate_kwargs(
             tokenizer, max_new_tokens, do_sample, num_beams, temperature, top_p, repetition_penalty, kwargs
@@ -407,17 +410,70 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
             images (`list`, *optional*): per query `None`, one image or a list of images.
         Returns:
             `list[str]`: the replies, in order.
+
+        Raises:
+            `BatchChatError`: when some requests fail on their own (a missing image, a prompt too long, an empty
+            query): the others are answered all the same, and the error holds every reply and each failure.
         """
         processor = self.build_processor(tokenizer, hd_num)
-        prompts = [processor.build_prompt(query, (), meta_instruction) for query in queries]
         images = images or [None] * len(queries)
         if len(images) != len(queries):
             raise ValueError(f"Got {len(queries)} queries but {len(images)} image entries; pass one per query.")
         per_prompt = [[] if own is None else list(own) if isinstance(own, (list, tuple)) else [own] for own in images]
-        inputs = self._chat_inputs(processor, prompts, per_prompt, hd_num, max_new_tokens)
         generate_kwargs = self._chat_generate_kwargs(
             tokenizer, max_new_tokens, do_sample, num_beams, temperature, top_p, repetition_penalty, kwargs
         )
-        output = self.generate(**inputs, **generate_kwargs)
-        replies = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        return processor.postprocess(replies)
+
+        def prepare(indices):
+            for index in indices:
+                self._check_query(queries[index], per_prompt[index])
+            prompts = [processor.build_prompt(queries[index], (), meta_instruction) for index in indices]
+            own_images = [per_prompt[index] for index in indices]
+            return self._chat_inputs(processor, prompts, own_images, hd_num, max_new_tokens)
+
+        def answer(indices):
+            inputs = prepare(indices)
+            output = self.generate(**inputs, **generate_kwargs)
+            new_ids = output[:, inputs["input_ids"].shape[1] :]
+            return processor.postprocess(tokenizer.batch_decode(new_ids, skip_special_tokens=True))
+
+        everyone = list(range(len(queries)))
+        try:
+            return answer(everyone)
+        except (ValueError, OSError) as batch_error:
+            # Find the requests that fail on their own; answer the others, then report both.
+            errors = {}
+            for index in everyone:
+                try:
+                    prepare([index])
+                except (ValueError, OSError) as error:
+                    errors[index] = error
+            if not errors:
+                raise batch_error
+        good = [index for index in everyone if index not in errors]
+        replies = [None] * len(queries)
+        for index, reply in zip(good, answer(good) if good else []):
+            replies[index] = reply
+        raise BatchChatError(errors, replies)
+
+    @staticmethod
+    def _check_query(query, images):
+        if not isinstance(query, str) or not (query.strip() or images):
+            raise ValueError(f"The query is empty ({query!r}); ask something, or pass an image to talk about.")
+
+
+class BatchChatError(ValueError):
+    """Some requests of a `batch_chat` call failed. The others were answered all the same.
+
+    Attributes:
+        errors (`dict[int, Exception]`): the failed requests' indices and their errors.
+        replies (`list[str | None]`): every request's reply, in order; `None` for the failed ones.
+    """
+
+    def __init__(self, errors, replies):
+        self.errors, self.replies = errors, replies
+        failures = "; ".join(f"request {index}: {type(error).__name__}: {error}" for index, error in errors.items())
+        super().__init__(
+            f"{len(errors)} of {len(replies)} requests failed ({failures}). The other replies are in this error's "
+            "`replies` (None where a request failed)."
+        )

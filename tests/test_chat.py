@@ -189,3 +189,31 @@ def test_beam_search_with_images_in_a_batch_equals_per_sample(model, processor, 
 def test_cached_greedy_equals_uncached_greedy_with_images(model, processor, chat_dir):
     inputs = processor(processor.build_prompt(QUERY), images=[str(chat_dir / "doc.png")], hd_num=6)
     assert torch.equal(generate_new(model, inputs, use_cache=True), generate_new(model, inputs, use_cache=False))
+
+
+def test_batch_chat_answers_the_good_requests_and_names_the_failed_ones(model, tokenizer, chat_dir):
+    queries = ["<ImageHere>What is it?", "<ImageHere>And this?", "", "Hello!"]
+    images = [chat_dir / "doc.png", chat_dir / "missing.png", None, None]
+    options = dict(hd_num=4, max_new_tokens=5, min_new_tokens=5)
+    with pytest.raises(Exception) as caught:
+        model.batch_chat(tokenizer, queries, images, **options)
+    error = caught.value
+    assert type(error).__name__ == "BatchChatError" and isinstance(error, ValueError)
+    assert sorted(error.errors) == [1, 2]
+    assert isinstance(error.errors[1], FileNotFoundError) and "missing.png" in str(error.errors[1])
+    assert "query is empty" in str(error.errors[2])
+    assert "request 1: FileNotFoundError" in str(error) and "request 2: ValueError" in str(error)
+    expected = model.batch_chat(tokenizer, [queries[0], queries[3]], [images[0], None], **options)
+    assert error.replies == [expected[0], None, None, expected[1]]
+    assert all(reply for reply in expected)
+
+
+def test_chat_refuses_an_empty_query_without_an_image_and_a_bad_hd_num(model, tokenizer, chat_dir):
+    for query in ("", "   \n"):
+        with pytest.raises(ValueError, match="query is empty"):
+            model.chat(tokenizer, query)
+    reply, _ = model.chat(tokenizer, "", image=chat_dir / "doc.png", hd_num=4, max_new_tokens=3, do_sample=False)
+    assert isinstance(reply, str)
+    for hd_num in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="hd_num must be"):
+            model.chat(tokenizer, "Hello!", hd_num=hd_num, max_new_tokens=3)
