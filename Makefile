@@ -6,7 +6,7 @@ TF5 ?= 5.24.0
 TF4 ?= 4.57.6
 ENVS := .venv-tf5 .venv-tf4
 
-.PHONY: test test-tf5 test-tf4 demo bench clean
+.PHONY: test test-tf5 test-tf4 demo bench bench-generate clean
 
 .venv-tf5/.done: requirements-test.txt
 	$(PYTHON) -m venv .venv-tf5
@@ -31,6 +31,9 @@ demo: .venv-tf5/.done
 
 bench: .venv-tf5/.done
 	.venv-tf5/bin/python bench/bench_llm.py
+
+bench-generate: .venv-tf5/.done
+	.venv-tf5/bin/python bench/bench_generate.py --size tiny
 
 clean:
 	rm -rf $(ENVS)
