@@ -129,11 +129,40 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
             image_grids (`torch.LongTensor` of shape `(N, 2)`): (rows, cols) of each image.
         Returns:
             `list[torch.Tensor]`: for image i a `(L_i, hidden_size)` tensor, L_i = `num_image_tokens(rows, cols)`.
+        Raises:
+            `ValueError`: if the shapes of `pixel_values` and `image_grids` do not fit each other or the model.
         """
+        self._check_pixels(pixel_values, image_grids)
         features = merge_2x2(self.vit(pixel_values))  # (T, t, t, 4C)
         sequences = global_local_layout(features, image_grids, self.plora_glb_GN, self.plora_sub_GN)
         projected = self.vision_proj(torch.cat(sequences))  # (sum L_i, hidden)
         return list(projected.split([len(s) for s in sequences]))
+
+    def _check_pixels(self, pixel_values, image_grids):
+        """Shape checks of model inputs built by hand, with what to do instead (one host read of the small grid)."""
+        size = self.config.vision_config.image_size
+        fix = "Build pixel_values and image_grids with the model's processor (one call for both)."
+        tiles_ok = torch.is_tensor(pixel_values) and pixel_values.dim() == 4
+        if not tiles_ok or tuple(pixel_values.shape[1:]) != (3, size, size):
+            shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a (num_tiles, 3, {size}, {size}) tensor, got {shape}. {fix}")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be floating point (normalised tiles), got {pixel_values.dtype}. {fix}")
+        if getattr(self, "hf_device_map", None) is None and pixel_values.device != self.device:
+            raise ValueError(
+                f"pixel_values are on {pixel_values.device} but the model is on {self.device}; move the inputs with "
+                "inputs.to(model.device)."
+            )
+        if not torch.is_tensor(image_grids) or image_grids.dim() != 2 or image_grids.shape[1] != 2:
+            shape = tuple(image_grids.shape) if torch.is_tensor(image_grids) else type(image_grids).__name__
+            raise ValueError(f"image_grids must be a (num_images, 2) tensor of (rows, cols), got {shape}. {fix}")
+        grids = image_grids.tolist()
+        num_tiles = sum(rows * cols + 1 for rows, cols in grids)
+        if min((min(grid) for grid in grids), default=1) < 1 or num_tiles != pixel_values.shape[0]:
+            raise ValueError(
+                f"image_grids {grids} need {num_tiles} tiles (rows * cols + 1 per image) but pixel_values has "
+                f"{pixel_values.shape[0]}. {fix}"
+            )
 
     def forward(
         self,

@@ -527,3 +527,26 @@ def test_loads_and_runs_without_network(saved, tmp_path, no_network):
     ids = text_ids(1, 6)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, load(saved[0])(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "pixels, grids, message",
+    [
+        (torch.zeros(3, 56, 56), [[1, 1]], r"pixel_values must be a \(num_tiles, 3, 56, 56\) tensor, got \(3, 56, 56\)"),
+        (torch.zeros(2, 3, 64, 64), [[1, 1]], r"got \(2, 3, 64, 64\)"),
+        (torch.zeros(2, 3, 56, 56, dtype=torch.uint8), [[1, 1]], "must be floating point"),
+        (torch.zeros(2, 3, 56, 56), [1, 1], r"image_grids must be a \(num_images, 2\) tensor"),
+        (torch.zeros(3, 3, 56, 56), [[1, 1]], r"image_grids \[\[1, 1\]\] need 2 tiles .* but pixel_values has 3"),
+        (torch.zeros(1, 3, 56, 56), [[0, 1]], "need 1 tiles"),
+    ],
+)
+def test_hand_built_pixel_inputs_of_the_wrong_shape_raise(saved, pixels, grids, message):
+    model = load(saved[0])
+    with pytest.raises(ValueError, match=message):
+        model.get_image_features(pixels, torch.tensor(grids))
+
+
+def test_pixel_values_on_another_device_raise(saved):
+    model = load(saved[0]).to("meta")
+    with pytest.raises(ValueError, match="pixel_values are on cpu but the model is on meta"):
+        model.get_image_features(torch.zeros(2, 3, 56, 56), torch.tensor([[1, 1]]))
