@@ -149,8 +149,14 @@ def test_training_example_errors(processor):
         processor.training_example(ONE_TURN)
     with pytest.raises(ValueError, match="role 'user' or 'assistant'"):
         processor.training_example([{"role": "system", "content": "x"}])
-    with pytest.raises(ValueError, match="more than max_length=20.*hd_num=1 fits|more than max_length=20"):
-        processor.training_example(ONE_TURN, [Image.new("RGB", (100, 60))], hd_num=4, max_length=20)
+    image = Image.new("RGB", (100, 60))
+    fits = processor.training_length(ONE_TURN, [image.size], 3)  # hd_num 2 and 3 both give 1 x 2 crops
+    length = len(processor.training_example(ONE_TURN, [image], hd_num=4)["input_ids"])  # 2 x 2 crops
+    assert length > fits
+    with pytest.raises(ValueError, match=rf"is {length} ids long, more than max_length={fits} .*; hd_num=3 fits"):
+        processor.training_example(ONE_TURN, [image], hd_num=4, max_length=fits)
+    with pytest.raises(ValueError, match="even hd_num=1 does not fit"):
+        processor.training_example(ONE_TURN, [image], hd_num=4, max_length=20)
 
 
 def write_json(path, samples):
