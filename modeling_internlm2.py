@@ -20,10 +20,12 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-# transformers 5.2x renamed `past_key_values` to `cache` in forward arguments, model outputs and the mask
-# helpers, and dropped `cache_position`. We accept both names and answer in the installed version's name.
+# transformers renamed arguments of the mask helpers over 5.x (`input_embeds` -> `inputs_embeds`, then
+# `past_key_values` -> `cache`, and dropped `cache_position`), and 5.2x renamed `past_key_values` to `cache` in
+# forward arguments and model outputs. We read the installed signature instead of a version number, accept both
+# names, and answer in the installed version's name.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-_MASK_TAKES_CACHE = "cache" in inspect.signature(create_causal_mask).parameters
+_MASK_PARAMETERS = set(inspect.signature(create_causal_mask).parameters)
 
 
 def pop_cache(past_key_values, kwargs):
@@ -33,23 +35,13 @@ def pop_cache(past_key_values, kwargs):
 
 
 def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, cache_position):
-    """transformers' own causal mask (right format for the attention backend), on either API."""
-    if _MASK_TAKES_CACHE:
-        return create_causal_mask(
-            config=config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
-    return create_causal_mask(
-        config=config,
-        input_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        cache_position=cache_position,
-        past_key_values=cache,
-        position_ids=position_ids,
-    )
+    """transformers' own causal mask (right format for the attention backend), on any of its signatures."""
+    arguments = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids}
+    arguments["inputs_embeds" if "inputs_embeds" in _MASK_PARAMETERS else "input_embeds"] = inputs_embeds
+    arguments["cache" if "cache" in _MASK_PARAMETERS else "past_key_values"] = cache
+    if "cache_position" in _MASK_PARAMETERS:
+        arguments["cache_position"] = cache_position
+    return create_causal_mask(**arguments)
 
 
 class InternLM2RMSNorm(nn.Module):
