@@ -261,20 +261,27 @@ class InternLM2DecoderLayer(GradientCheckpointingLayer):
         self.ffn_norm = InternLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, lora_mask=None, cache=None, **kwargs):
+        """Returns the new hidden states `(B, T, hidden)` and the attention weights `(B, nh, T, S)` (None unless the
+        backend is eager)."""
         residual = hidden_states
-        hidden_states, _ = self.attention(
+        hidden_states, attn_weights = self.attention(
             self.attention_norm(hidden_states), position_embeddings, attention_mask, lora_mask, cache, **kwargs
         )
         hidden_states = residual + hidden_states
-        return hidden_states + self.feed_forward(self.ffn_norm(hidden_states), lora_mask)
+        return hidden_states + self.feed_forward(self.ffn_norm(hidden_states), lora_mask), attn_weights
 
 
 class InternLM2Model(nn.Module):
     """Token embeddings, the decoder layers and the final norm (checkpoint prefix `model.`).
 
     A plain module owned by `InternLMXComposer2ForCausalLM`, which holds the config, initialisation and
-    loading logic.
+    loading logic. It is also the model's `base_model` (what TRL, peft and others call for hidden states), so it
+    takes images too: `embed_images`, set by the owner, writes their features over the placeholder embeddings. The
+    vision weights stay on the owner (their published names are top-level), so this module only holds a reference.
     """
+
+    # (input_ids, pixel_values, image_grids) -> (inputs_embeds, image_mask); None for a decoder without a vision side.
+    embed_images = None
 
     def __init__(self, config):
         super().__init__()
@@ -298,6 +305,9 @@ class InternLM2Model(nn.Module):
         image_mask=None,
         use_cache=None,
         output_hidden_states=False,
+        output_attentions=False,
+        pixel_values=None,
+        image_grids=None,
         **kwargs,
     ):
         """
@@ -306,11 +316,28 @@ class InternLM2Model(nn.Module):
             attention_mask (`(B, past + T)`, 1 for real tokens, 0 for padding), optional.
             image_mask (`torch.BoolTensor` of shape `(B, T)`, *optional*): true at positions whose embedding came
                 from the vision side; those positions get the Partial LoRA branch. None = no image positions.
+            pixel_values (`(num_tiles, 3, S, S)`) and image_grids (`(N, 2)`), *optional*: the images of `input_ids`'
+                placeholders, as the processor returns them; encoded by `embed_images` (prefill only).
             past_key_values / cache (`Cache`, *optional*): the KV cache, updated in place.
+            output_attentions (`bool`): also return each layer's attention weights (eager attention only).
         Returns:
-            `BaseModelOutputWithPast` with `last_hidden_state` `(B, T, hidden_size)` and the cache.
+            `BaseModelOutputWithPast` with `last_hidden_state` `(B, T, hidden_size)`, the cache, and the hidden states
+            and attention weights when asked for.
+        Raises:
+            `ValueError`: for image arguments this decoder cannot use (no `embed_images`, or names it does not know,
+            which would otherwise be ignored silently), or attention weights from a fused attention backend.
         """
         past_key_values = pop_cache(past_key_values, kwargs)
+        self._check_image_arguments(input_ids, pixel_values, image_grids, kwargs)
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError(
+                f"output_attentions=True needs eager attention; {self.config._attn_implementation!r} does not compute "
+                "the weights. Load the model with attn_implementation=\"eager\" (or call model.set_attn_implementation"
+                "(\"eager\") on transformers 5)."
+            )
+        if pixel_values is not None:
+            inputs_embeds, image_mask = self.embed_images(input_ids, pixel_values, image_grids)
+            input_ids = None
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
@@ -345,10 +372,11 @@ class InternLM2Model(nn.Module):
         # may be wider (fp32 image features) or narrower (fp16 queries) than the weights.
         position_embeddings = self.rotary_emb(position_ids.to(inputs_embeds.device), self.norm.weight.dtype)
         all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = layer(
+            hidden_states, attn_weights = layer(
                 hidden_states,
                 position_embeddings,
                 attention_mask=mask,
@@ -357,11 +385,38 @@ class InternLM2Model(nn.Module):
                 cache_position=cache_position,
                 **kwargs,
             )
+            if output_attentions:
+                all_attentions += (attn_weights,)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,
+            attentions=all_attentions,
             **{CACHE_FIELD: past_key_values if use_cache else None},
         )
+
+    def _check_image_arguments(self, input_ids, pixel_values, image_grids, kwargs):
+        """Refuse image inputs this call would otherwise drop: `**kwargs` reach the attention backend, which ignores
+        names it does not know (TRL once trained "with images" that never reached the model this way)."""
+        unknown = sorted(name for name in kwargs if name.startswith(("pixel_", "image_")))
+        if unknown:
+            raise ValueError(
+                f"The decoder got {unknown}, which this model does not use; pass the processor's outputs: "
+                "input_ids, attention_mask, pixel_values and image_grids."
+            )
+        if pixel_values is None:
+            if image_grids is not None:
+                raise ValueError("image_grids were given without pixel_values; pass both, as the processor gives them.")
+            return
+        if self.embed_images is None:
+            raise ValueError(
+                "This decoder has no vision side to encode pixel_values; call the whole model "
+                "(InternLMXComposer2ForCausalLM, whose base_model encodes images) or pass inputs_embeds."
+            )
+        if input_ids is None or image_grids is None:
+            raise ValueError(
+                "pixel_values need the input_ids holding the image placeholder ids and the image_grids the image "
+                "processor returned with them."
+            )

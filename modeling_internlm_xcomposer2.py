@@ -2,7 +2,9 @@
 Partial LoRA + output head, loading the published 4KHD checkpoint unchanged.
 """
 
+import contextvars
 import copy
+from numbers import Integral
 from threading import Thread
 
 import torch
@@ -19,18 +21,34 @@ from .build_mlp import (
     merge_2x2,
 )
 from .configuration_internlm_xcomposer2 import PLORA_RANKS, InternLMXcomposer2Config
-from .image_processing_4khd import InternLMXComposer2ImageProcessor, num_image_tokens, tokens_per_side
+from .image_processing_4khd import (
+    InternLMXComposer2ImageProcessor,
+    check_folder_for_lfs_pointers,
+    num_image_tokens,
+    tokens_per_side,
+    validate_hd_num,
+)
 from .modeling_internlm2 import CACHE_FIELD, InternLM2Model, InternLM2RMSNorm, pop_cache
-from .processing_internlm_xcomposer2 import DEFAULT_SYSTEM, TURN_END, InternLMXComposer2Processor
+from .original_api import OriginalAPIMixin
+from .processing_internlm_xcomposer2 import (
+    DEFAULT_SYSTEM,
+    TURN_END,
+    InternLMXComposer2Processor,
+    check_text,
+    check_tokenizer,
+)
 
 logger = logging.get_logger(__name__)
 
 # Left unquantised by bitsandbytes loading unless `llm_int8_skip_modules` says otherwise: the vision tower and the
 # projector (small, and the image path is the most sensitive) and the LM head (as transformers keeps heads).
 DEFAULT_QUANTIZATION_SKIP = ["vit", "vision_proj", "output"]
+# True while `generate` runs in this thread: it checked its inputs once, so the forwards of its steps skip the checks
+# (and the host sync of the id-range check on every decode step).
+_INPUTS_CHECKED = contextvars.ContextVar("inputs_checked", default=False)
 
 
-class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
+class InternLMXComposer2ForCausalLM(OriginalAPIMixin, PreTrainedModel, GenerationMixin):
     """The whole model. Checkpoint names: `model.*` (decoder), `output` (LM head), `vit.*` (CLIP),
     `vision_proj.*`, `plora_glb_GN` (separator) and `plora_sub_GN` (newline)."""
 
@@ -56,6 +74,8 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         # the vision sub-config, so hand it down (both towers support eager, sdpa and flash-attn 2).
         config.vision_config._attn_implementation = config._attn_implementation
         self.model = InternLM2Model(config)
+        # The decoder is the `base_model`; it encodes images through this model's vision side (see InternLM2Model).
+        self.model.embed_images = self._embed_with_images
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.vit = CLIPVisionTower(config.vision_config)
         self.vision_proj = build_vision_projector(config)
@@ -93,6 +113,7 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         that only stops transformers from replacing them with branchless linears. Without a skip list of the
         user's, `DEFAULT_QUANTIZATION_SKIP` (vision tower, projector, LM head) stays unquantised.
         """
+        check_folder_for_lfs_pointers(args[0] if args else kwargs.get("pretrained_model_name_or_path", ""))
         if kwargs.get("load_in_4bit") or kwargs.get("load_in_8bit"):
             raise ValueError(
                 "load_in_4bit/load_in_8bit are not supported here (the Partial LoRA branches would be dropped); pass "
@@ -156,6 +177,14 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         if not torch.is_tensor(image_grids) or image_grids.dim() != 2 or image_grids.shape[1] != 2:
             shape = tuple(image_grids.shape) if torch.is_tensor(image_grids) else type(image_grids).__name__
             raise ValueError(f"image_grids must be a (num_images, 2) tensor of (rows, cols), got {shape}. {fix}")
+        if image_grids.is_floating_point() or image_grids.is_complex() or image_grids.dtype == torch.bool:
+            raise ValueError(f"image_grids must hold integer (rows, cols) (torch.long), got {image_grids.dtype}. {fix}")
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+            # NaN or inf pixels make every logit NaN, and generation then silently repeats token 0.
+            raise ValueError(
+                "pixel_values contain NaN or infinite values; check what produced them (e.g. a division by a zero "
+                f"std). {fix}"
+            )
         grids = image_grids.tolist()
         num_tiles = sum(rows * cols + 1 for rows, cols in grids)
         if min((min(grid) for grid in grids), default=1) < 1 or num_tiles != pixel_values.shape[0]:
@@ -163,6 +192,95 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
                 f"image_grids {grids} need {num_tiles} tiles (rows * cols + 1 per image) but pixel_values has "
                 f"{pixel_values.shape[0]}. {fix}"
             )
+
+    def _check_inputs(self, input_ids, attention_mask, pixel_values, inputs_embeds, past_key_values=None):
+        """Checks of hand-built ids for `generate` and `forward`, each error with its fix.
+
+        Shapes and dtypes always; for a whole prompt (no cache yet) also the attention mask's shape and, in one host
+        sync, the id range (an id outside the embedding is a device-side assert on CUDA) and image placeholders
+        without images (the model would read their embeddings as an image). Inside `generate`, whose entry checked
+        the prompt already, the forwards of the steps skip every check.
+        """
+        if input_ids is None or _INPUTS_CHECKED.get():
+            return
+        fix = "Build the inputs with the model's processor: inputs = processor(prompt, images=...)."
+        if not torch.is_tensor(input_ids):
+            kind = type(input_ids).__name__
+            raise TypeError(f"input_ids must be a torch tensor of shape (batch, length), got {kind}. {fix}")
+        if input_ids.dim() != 2:
+            hint = "add the batch dimension with input_ids[None]." if input_ids.dim() == 1 else fix
+            raise ValueError(f"input_ids must be 2-D (batch, length), got shape {tuple(input_ids.shape)}; {hint}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(
+                f"input_ids must hold integer token ids (torch.long), got {input_ids.dtype}; cast ids with .long(), or "
+                f"pass embeddings as inputs_embeds. {fix}"
+            )
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one token id. {fix}")
+        if past_key_values is not None:
+            return
+        if attention_mask is not None and (
+            not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != tuple(input_ids.shape)
+        ):
+            shape = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}; pass the "
+                "attention_mask the processor returned with the ids (or none for an unpadded batch)."
+            )
+        if torch.compiler.is_compiling():
+            return
+        vocab_size, image_token_id = self.config.vocab_size, self.config.image_token_id
+        outside = (input_ids < 0) | (input_ids >= vocab_size)
+        any_outside, any_placeholder = torch.stack([outside.any(), (input_ids == image_token_id).any()]).tolist()
+        if any_outside:
+            raise ValueError(
+                f"input_ids hold ids outside the vocabulary [0, {vocab_size}), e.g. {input_ids[outside][:5].tolist()}; "
+                "tokenize with this model's tokenizer: "
+                "AutoTokenizer.from_pretrained(model_folder, trust_remote_code=True)."
+            )
+        if any_placeholder and pixel_values is None and inputs_embeds is None:
+            raise ValueError(
+                f"input_ids hold image placeholder ids ({image_token_id}) but no pixel_values were given, so the model "
+                "would read the placeholder embeddings as an image. Pass the pixel_values and image_grids the "
+                "processor returned with these ids, or build the ids without <ImageHere>."
+            )
+
+    def _check_max_new_tokens(self, max_new_tokens, prompt_length=None):
+        """`max_new_tokens` must be a positive integer below `config.max_sequence_length`, leaving room for a prompt of
+        `prompt_length` ids when that is known."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
+            raise ValueError(
+                f"max_new_tokens must be a positive integer, got {max_new_tokens!r}; e.g. max_new_tokens=1024."
+            )
+        limit = self.config.max_sequence_length
+        if max_new_tokens >= limit:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's context of {limit} ids "
+                f"(config.max_sequence_length); pass a smaller max_new_tokens, e.g. 1024."
+            )
+        if prompt_length is not None and prompt_length + max_new_tokens > limit:
+            room = "shorten the prompt"
+            if prompt_length < limit:
+                room = f"pass max_new_tokens={limit - prompt_length} or less"
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} and a prompt of {prompt_length} ids exceed the model's context of "
+                f"{limit} ids (config.max_sequence_length); {room}."
+            )
+
+    def generate(self, inputs=None, *args, **kwargs):
+        """`GenerationMixin.generate`, after checking hand-built inputs once (see `_check_inputs`) and an explicit
+        `max_new_tokens` against `config.max_sequence_length`; the forwards of its steps skip those checks."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        pixel_values, inputs_embeds = kwargs.get("pixel_values"), kwargs.get("inputs_embeds")
+        self._check_inputs(input_ids, kwargs.get("attention_mask"), pixel_values, inputs_embeds)
+        if kwargs.get("max_new_tokens") is not None:
+            prompt = input_ids if input_ids is not None else inputs_embeds
+            self._check_max_new_tokens(kwargs["max_new_tokens"], prompt.shape[1] if torch.is_tensor(prompt) else None)
+        checked = _INPUTS_CHECKED.set(True)
+        try:
+            return super().generate(inputs, *args, **kwargs)
+        finally:
+            _INPUTS_CHECKED.reset(checked)
 
     def forward(
         self,
@@ -177,6 +295,7 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         labels=None,
         use_cache=None,
         output_hidden_states=None,
+        output_attentions=None,
         return_dict=None,
         logits_to_keep=0,
         **kwargs,
@@ -194,21 +313,19 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
                 gradient accumulation). Without it the loss is the mean over this batch's labelled tokens.
             logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep`
                 positions (0 = all), so prefill need not build full-vocabulary logits for every position.
+            output_attentions (`bool`, *optional*): also return each layer's attention weights `(B, nh, T, S)`;
+                needs `attn_implementation="eager"`.
         Returns:
             `CausalLMOutputWithPast`.
         """
         past_key_values = pop_cache(past_key_values, kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("`pixel_values` need `input_ids` holding the image placeholder ids.")
-            if image_grids is None:
-                raise ValueError("`pixel_values` need the `image_grids` the image processor returned with them.")
-            inputs_embeds, image_mask = self._embed_with_images(input_ids, pixel_values, image_grids)
-            input_ids = None
-
+        self._check_inputs(input_ids, attention_mask, pixel_values, inputs_embeds, past_key_values)
+        # The decoder (`base_model`) encodes the images and scatters them into the placeholder positions.
         outputs = self.model(
             input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_grids=image_grids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
@@ -216,6 +333,7 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
             image_mask=image_mask,
             use_cache=use_cache,
             output_hidden_states=bool(output_hidden_states),
+            output_attentions=bool(output_attentions),
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -234,6 +352,7 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             **{CACHE_FIELD: outputs[CACHE_FIELD] if CACHE_FIELD in outputs else None},
         )
         return result.to_tuple() if return_dict is False else result
@@ -252,14 +371,48 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         features = self.get_image_features(tiles, torch.ones(1, 2, dtype=torch.long))[0]
         return features.sum().to(device) * 0
 
-    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_grids=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_grids=None, inputs_embeds=None,
+                                      image_mask=None, im_mask=None, **kwargs):  # fmt: skip
+        """transformers' step inputs, plus the image inputs of the steps that feed prompt positions. `image_mask`
+        (`im_mask` in the original) `(B, T)` marks the image positions of a prompt given as `inputs_embeds` or as
+        `input_ids`; generated tokens are never image positions, so decode steps get no Partial LoRA."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         # Images are encoded once, by the forward that sees the whole prompt (the prefill, or every step when
         # decoding without a cache); later steps read them from the KV cache.
         step_ids = model_inputs.get("input_ids")
         if step_ids is not None and step_ids.shape[1] == input_ids.shape[1]:
             model_inputs.update(pixel_values=pixel_values, image_grids=image_grids)
+        if im_mask is not None:
+            if image_mask is not None:
+                raise ValueError("Pass the image mask once: as image_mask, or as im_mask (the original's name).")
+            image_mask = im_mask
+        if image_mask is not None:
+            model_inputs["image_mask"] = self._step_image_mask(image_mask, input_ids, inputs_embeds, model_inputs)
         return model_inputs
+
+    @staticmethod
+    def _step_image_mask(image_mask, input_ids, inputs_embeds, model_inputs):
+        """The columns of the prompt's `image_mask` that this step feeds, or None when it feeds none."""
+        prompt = inputs_embeds if inputs_embeds is not None else input_ids
+        length = image_mask.shape[1]
+        # Generated ids extend `input_ids` (never `inputs_embeds`) as the steps go.
+        fits = length == prompt.shape[1] if inputs_embeds is not None else length <= prompt.shape[1]
+        if image_mask.shape[0] != prompt.shape[0] or not fits:
+            raise ValueError(
+                f"image_mask (im_mask) has shape {tuple(image_mask.shape)} but the prompt is {tuple(prompt.shape[:2])}"
+                "; pass one (batch, prompt length) mask, true where the prompt holds image features."
+            )
+        step_embeds = model_inputs.get("inputs_embeds")
+        if inputs_embeds is not None:
+            # The embeddings are fed once (their last positions, should a cache already hold the first ones); the
+            # ids fed after them are all generated.
+            return image_mask[:, -step_embeds.shape[1] :] if step_embeds is not None else None
+        # Prompt ids then generated ids: the step feeds the last positions of `input_ids`.
+        first = input_ids.shape[1] - model_inputs["input_ids"].shape[1]
+        if first >= image_mask.shape[1]:
+            return None
+        generated = image_mask.new_zeros(image_mask.shape[0], input_ids.shape[1] - image_mask.shape[1])
+        return torch.cat([image_mask, generated], dim=1)[:, first:]
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beam search and `num_return_sequences` repeat every batch row `expand_size` times. The image tensors
@@ -386,6 +539,7 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         Returns:
             `(reply, history + [(query, reply)])`.
         """
+        self._check_chat_arguments(tokenizer, hd_num, max_new_tokens, meta_instruction, history)
         images = image if isinstance(image, (list, tuple)) or image is None else [image]
         self._check_query(query, images)
         processor = self.build_processor(tokenizer, hd_num)
@@ -394,7 +548,7 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
         generate_kwargs = self._chat_generate_kwargs(
             tokenizer, max_new_tokens, do_sample, num_beams, temperature, top_p, repetition_penalty, kwargs
         )
-        output = self.generate(**inputs, streamer=streamer, **generate_kwargs)
+        output = self.generate(**inputs, streamer=streamer, **self._original_penalty(generate_kwargs, inputs))
         new_ids = output[0, inputs["input_ids"].shape[1] :]
         reply = processor.postprocess(tokenizer.decode(new_ids, skip_special_tokens=True))
         return reply, list(history) + [(query, reply)]
@@ -444,6 +598,17 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
             `BatchChatError`: when some requests fail on their own (a missing image, a prompt too long, an empty
             query): the others are answered all the same, and the error holds every reply and each failure.
         """
+        self._check_chat_arguments(tokenizer, hd_num, max_new_tokens, meta_instruction)
+        if isinstance(queries, (str, bytes)) or not isinstance(queries, (list, tuple)) or not queries:
+            raise TypeError(
+                f"queries must be a non-empty list of query strings, got {type(queries).__name__} {queries!r:.60}; for "
+                "one query pass [query], or use chat()."
+            )
+        if images is not None and not isinstance(images, (list, tuple)):
+            raise TypeError(
+                f"images must be a list with one entry per query (None, an image or a list of images), got "
+                f"{type(images).__name__}; e.g. images=[image] for queries=[query]."
+            )
         processor = self.build_processor(tokenizer, hd_num)
         images = images or [None] * len(queries)
         if len(images) != len(queries):
@@ -462,20 +627,20 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
 
         def answer(indices):
             inputs = prepare(indices)
-            output = self.generate(**inputs, **generate_kwargs)
+            output = self.generate(**inputs, **self._original_penalty(generate_kwargs, inputs))
             new_ids = output[:, inputs["input_ids"].shape[1] :]
             return processor.postprocess(tokenizer.batch_decode(new_ids, skip_special_tokens=True))
 
         everyone = list(range(len(queries)))
         try:
             return answer(everyone)
-        except (ValueError, OSError) as batch_error:
+        except (ValueError, TypeError, OSError) as batch_error:
             # Find the requests that fail on their own; answer the others, then report both.
             errors = {}
             for index in everyone:
                 try:
                     prepare([index])
-                except (ValueError, OSError) as error:
+                except (ValueError, TypeError, OSError) as error:
                     errors[index] = error
             if not errors:
                 raise batch_error
@@ -485,9 +650,33 @@ class InternLMXComposer2ForCausalLM(PreTrainedModel, GenerationMixin):
             replies[index] = reply
         raise BatchChatError(errors, replies)
 
+    def _check_chat_arguments(self, tokenizer, hd_num, max_new_tokens, meta_instruction, history=()):
+        """Check the arguments of `chat`/`stream_chat`/`batch_chat` other than the query and images, each error with
+        its fix."""
+        check_tokenizer(tokenizer, self.config.vocab_size)
+        if hd_num is not None:  # None: the config's hd_num
+            validate_hd_num(hd_num)
+        self._check_max_new_tokens(max_new_tokens)
+        if meta_instruction is not None:
+            check_text(meta_instruction, "meta_instruction")
+        if isinstance(history, (str, bytes)) or not isinstance(history, (list, tuple)):
+            raise TypeError(
+                f"history must be a list of (query, reply) pairs, got {type(history).__name__}; pass history=[] to "
+                "start a conversation, or the history that chat() returned."
+            )
+        for index, pair in enumerate(history):
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(
+                    f"history[{index}] must be a (query, reply) pair, got {pair!r:.80}; pass the history that chat() "
+                    "returned, e.g. [('What is it?', 'A cat.')]."
+                )
+            check_text(pair[0], f"history[{index}][0] (a query)")
+            check_text(pair[1], f"history[{index}][1] (a reply)")
+
     @staticmethod
     def _check_query(query, images):
-        if not isinstance(query, str) or not (query.strip() or images):
+        check_text(query, "query")
+        if not (query.strip() or images):
             raise ValueError(f"The query is empty ({query!r}); ask something, or pass an image to talk about.")
 
 

@@ -3,6 +3,7 @@
 It gives the published tokenizer's ids and decoded text on transformers 4.57 and 5.x alike.
 """
 
+import json
 import os
 from shutil import copyfile
 
@@ -10,9 +11,66 @@ import sentencepiece as spm
 from transformers import PreTrainedTokenizer
 from transformers.utils import logging
 
+from .image_processing_4khd import check_not_lfs_pointer
+
 logger = logging.get_logger(__name__)
 
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
+CONFIG_FILE_NAME = "tokenizer_config.json"
+
+
+def drop_tokens_outside_vocab(kwargs: dict, vocab_size: int, in_vocab) -> dict:
+    """Remove from tokenizer `kwargs` the added tokens that would get ids past the `vocab_size` sentencepiece pieces
+    (the published six), with a warning; `in_vocab(token)` says whether a token is a piece.
+
+    They arrive as `added_tokens_decoder` entries and as `additional_special_tokens` (`extra_special_tokens` on
+    transformers 5); the base class would re-add any listed special token that is missing from the vocabulary.
+    """
+    dropped = set()
+    decoder = kwargs.get("added_tokens_decoder")
+    if decoder:
+        dropped.update(str(token) for index, token in decoder.items() if int(index) >= vocab_size)
+        kwargs["added_tokens_decoder"] = {index: token for index, token in decoder.items() if int(index) < vocab_size}
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        tokens = kwargs.get(key)
+        if isinstance(tokens, (list, tuple)):
+            dropped.update(str(token) for token in tokens if not in_vocab(token))
+            kwargs[key] = [token for token in tokens if in_vocab(token)]
+    if dropped:
+        logger.warning_once(
+            f"Ignoring added tokens {sorted(dropped)}: they are not pieces of tokenizer.model and would get ids "
+            "outside the model's embedding. Their text is tokenised as ordinary pieces. Remove them from "
+            "tokenizer_config.json to silence this warning."
+        )
+    return kwargs
+
+
+def join_pieces(tokens: list[str], special_tokens: set[str], decode) -> str:
+    """The published tokenizer's decoding of `tokens`: runs of ordinary pieces decoded by `decode` (pieces -> text),
+    special tokens kept verbatim, and each run of special tokens preceded by one space, placed before the text decoded
+    since the previous run (so `decode([1, x])` reads `" <s>..."`)."""
+    text, pieces, previous_is_special = "", [], False
+    for token in tokens:
+        if token in special_tokens:
+            if not previous_is_special:
+                text += " "
+            text += decode(pieces) + token
+            pieces, previous_is_special = [], True
+        else:
+            pieces.append(token)
+            previous_is_special = False
+    return text + decode(pieces)
+
+
+def save_bos_eos_flags(tokenizer, files):
+    """Write `add_bos_token`/`add_eos_token` into the `tokenizer_config.json` among the saved `files`: transformers 5
+    drops them on save (it expects them in a post-processor), so `add_bos_token=False` would come back as True."""
+    config_file = next(str(name) for name in files if str(name).endswith(CONFIG_FILE_NAME))
+    with open(config_file, encoding="utf-8") as file:
+        config = json.load(file)
+    config.update(add_bos_token=tokenizer.add_bos_token, add_eos_token=tokenizer.add_eos_token)
+    with open(config_file, "w", encoding="utf-8") as file:
+        json.dump(config, file, indent=2, ensure_ascii=False)
 
 
 class InternLM2Tokenizer(PreTrainedTokenizer):
@@ -67,6 +125,7 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         self.add_eos_token = add_eos_token
         # The base class asks for the vocabulary while it registers the special tokens, so load it first.
         self.sp_model = spm.SentencePieceProcessor(**self.sp_model_kwargs)
+        check_not_lfs_pointer(vocab_file, "sentencepiece model tokenizer.model")
         self.sp_model.Load(vocab_file)
         kwargs = self._drop_tokens_outside_vocab(kwargs)
         super().__init__(
@@ -83,29 +142,7 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         return self.sp_model.IdToPiece(self.sp_model.PieceToId(str(token))) == str(token)
 
     def _drop_tokens_outside_vocab(self, kwargs: dict) -> dict:
-        """Remove added tokens that would get ids past the sentencepiece vocabulary (the published six).
-
-        They arrive as `added_tokens_decoder` entries and as `additional_special_tokens` (`extra_special_tokens` on
-        transformers 5); the base class would re-add any listed special token that is missing from the vocabulary.
-        """
-        dropped = set()
-        decoder = kwargs.get("added_tokens_decoder")
-        if decoder:
-            size = self.sp_model.get_piece_size()
-            dropped.update(str(token) for index, token in decoder.items() if int(index) >= size)
-            kwargs["added_tokens_decoder"] = {index: token for index, token in decoder.items() if int(index) < size}
-        for key in ("additional_special_tokens", "extra_special_tokens"):
-            tokens = kwargs.get(key)
-            if isinstance(tokens, (list, tuple)):
-                dropped.update(str(token) for token in tokens if not self._in_vocab(token))
-                kwargs[key] = [token for token in tokens if self._in_vocab(token)]
-        if dropped:
-            logger.warning_once(
-                f"Ignoring added tokens {sorted(dropped)}: they are not pieces of tokenizer.model and would get ids "
-                "outside the model's embedding. Their text is tokenised as ordinary pieces. Remove them from "
-                "tokenizer_config.json to silence this warning."
-            )
-        return kwargs
+        return drop_tokens_outside_vocab(kwargs, self.sp_model.get_piece_size(), self._in_vocab)
 
     @property
     def vocab_size(self) -> int:
@@ -128,26 +165,16 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         return self.sp_model.IdToPiece(index)
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        """Join pieces into text exactly as the published tokenizer does.
+        """Join pieces into text exactly as the published tokenizer does (see `join_pieces`), then apply
+        `clean_up_tokenization` (`" ."` -> `"."`, `" n't"` -> `"n't"`, ...) whatever `clean_up_tokenization_spaces`
+        says: the published code always did, and replies must read the same."""
+        return self.clean_up_tokenization(join_pieces(tokens, set(self.all_special_tokens), self.sp_model.decode))
 
-        Pieces are decoded by sentencepiece; special tokens are kept verbatim, and a run of them starts with one space
-        placed before the text decoded since the previous run (so `decode([1, x])` reads `" <s>..."`). Then
-        `clean_up_tokenization` (`" ."` -> `"."`, `" n't"` -> `"n't"`, ...) is applied whatever
-        `clean_up_tokenization_spaces` says: the published code always did, and replies must read the same.
-        """
-        special_tokens = set(self.all_special_tokens)
-        text, pieces, previous_is_special = "", [], False
-        for token in tokens:
-            if token in special_tokens:
-                if not previous_is_special:
-                    text += " "
-                text += self.sp_model.decode(pieces) + token
-                pieces, previous_is_special = [], True
-            else:
-                pieces.append(token)
-                previous_is_special = False
-        text += self.sp_model.decode(pieces)
-        return self.clean_up_tokenization(text)
+    def save_pretrained(self, *args, **kwargs):
+        """`save_pretrained`, keeping `add_bos_token` and `add_eos_token` (transformers 5 leaves them out)."""
+        files = super().save_pretrained(*args, **kwargs)
+        save_bos_eos_flags(self, files)
+        return files
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         """`[BOS] ids_0 [ids_1] [EOS]`, with BOS and EOS as `add_bos_token` and `add_eos_token` say."""

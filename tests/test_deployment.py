@@ -164,10 +164,12 @@ def test_fp16_image_features_are_not_rounded_to_bf16(saved, monkeypatch):
     features[0, 0] = 1 + 2**-10  # exact in fp16, rounds to 1 in bf16
     monkeypatch.setattr(model, "get_image_features", lambda pixel_values, image_grids: [features])
     seen = {}
-    model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    # The decoder embeds the images itself (it is the multimodal base model): read the first layer's input.
+    hook = lambda module, args, kwargs: seen.update(embeds=args[0], image_mask=kwargs["lora_mask"][..., 0] == 1)  # noqa: E731
+    model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         model(**inputs)
-    embeds, image_mask = seen["inputs_embeds"], seen["image_mask"]
+    embeds, image_mask = seen["embeds"], seen["image_mask"]
     assert embeds.dtype == torch.float32
     assert torch.equal(embeds[image_mask], features.float())
     text = model.get_input_embeddings()(inputs["input_ids"])[~image_mask]
@@ -316,7 +318,9 @@ def test_quantized_loading_keeps_partial_lora(saved_64, bits):
     with torch.no_grad():
         logits = model(**inputs).logits.float().cpu()
         expected = reference(**on("cpu", inputs)).logits.float()
-        without_branches = reference(input_ids=inputs["input_ids"].cpu()).logits.float()
+        # The placeholder rows' embeddings, without image features or branches (as ids the model would refuse them).
+        text_only = reference.get_input_embeddings()(inputs["input_ids"].cpu())
+        without_branches = reference(inputs_embeds=text_only).logits.float()
     assert max_diff(logits, expected) <= 2e-2
     assert max_diff(logits, without_branches) >= 0.1  # the image and its Partial LoRA branch count
 

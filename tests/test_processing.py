@@ -123,10 +123,10 @@ def test_special_tokens(tokenizer, sp):
 
 def test_autotokenizer_loads_remote_class_and_round_trips(processor_dir, tmp_path, no_network):
     tokenizer = AutoTokenizer.from_pretrained(processor_dir, trust_remote_code=True)
-    assert type(tokenizer).__name__ == "InternLM2Tokenizer"
+    assert type(tokenizer).__name__ == "InternLM2TokenizerFast"  # the fast class of auto_map, converted on load
     tokenizer.save_pretrained(tmp_path / "saved")
     reloaded = AutoTokenizer.from_pretrained(tmp_path / "saved", trust_remote_code=True)
-    assert type(reloaded).__name__ == "InternLM2Tokenizer"
+    assert type(reloaded).__name__ == "InternLM2TokenizerFast"
     for text in TEXTS:
         assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert reloaded.pad_token_id == tokenizer.pad_token_id
@@ -389,7 +389,7 @@ def test_decode_and_postprocess_cut_the_reply_at_turn_end(processor, sp):
 def test_auto_processor_loads_offline_and_round_trips(processor_dir, tmp_path, image_token_id, no_network):
     processor = AutoProcessor.from_pretrained(processor_dir, trust_remote_code=True)
     assert type(processor).__name__ == "InternLMXComposer2Processor"
-    assert type(processor.tokenizer).__name__ == "InternLM2Tokenizer"
+    assert type(processor.tokenizer).__name__ == "InternLM2TokenizerFast"
     assert type(processor.image_processor).__name__ == "InternLMXComposer2ImageProcessor"
     assert processor.image_token_id == image_token_id
     assert processor.image_token == "<ImageHere>"
