@@ -174,8 +174,62 @@ def image_token_budget(
     return layout.rows, layout.cols, num_tokens
 
 
+# ---- Git LFS pointer files: a clone of the Hub repository made without git-lfs holds small text stubs instead of
+# the weights, `tokenizer.model` and images, and the libraries that read them fail with unrelated messages. ----
+
+LFS_HEADER = b"version https://git-lfs.github.com/spec/"
+# A pointer is three short lines (version, oid sha256, size); a real weight, tokenizer or image file is far larger.
+MAX_POINTER_BYTES = 1024
+# The files a model folder needs whose content Git LFS stores on the Hub.
+LFS_SUFFIXES = (".safetensors", ".bin", ".model", ".pt", ".pth")
+LFS_FIX = "Install git-lfs and run `git lfs install && git lfs pull` in the clone, or download the files again."
+
+
+def is_lfs_pointer(path) -> bool:
+    """Whether `path` is a Git LFS pointer file (small, and starting with the LFS spec line)."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_POINTER_BYTES:
+            return False
+        with path.open("rb") as file:
+            return file.read(len(LFS_HEADER)) == LFS_HEADER
+    except OSError:
+        return False
+
+
+def check_not_lfs_pointer(path, what: str):
+    """Raise a `ValueError` if `path` is a Git LFS pointer instead of the `what` (e.g. "sentencepiece model") it should
+    be. (Not an `OSError`: transformers replaces those from a tokenizer's `__init__` with a generic message.)"""
+    if is_lfs_pointer(path):
+        raise ValueError(
+            f"{str(path)!r} is a Git LFS pointer file, not the {what}: the repository was cloned without git-lfs. "
+            f"{LFS_FIX}"
+        )
+
+
+def check_folder_for_lfs_pointers(folder):
+    """Raise a `ValueError` naming every weight or tokenizer file of the local `folder` that is a Git LFS pointer.
+
+    A Hub id or a path that is not a local folder is left alone.
+    """
+    if not isinstance(folder, (str, Path)) or not Path(folder).is_dir():
+        return
+    files = Path(folder).iterdir()
+    pointers = sorted(path.name for path in files if path.suffix in LFS_SUFFIXES and is_lfs_pointer(path))
+    if pointers:
+        raise ValueError(
+            f"{', '.join(pointers)} in {str(folder)!r} are Git LFS pointer files, not the real files: the repository "
+            f"was cloned without git-lfs. {LFS_FIX}"
+        )
+
+
 # What Pillow raises for a file it recognised but cannot decode (truncated or corrupt data, impossible headers).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+# The only formats read from files; Pillow knows many more, and some run external programs (PostScript/EPS runs
+# Ghostscript) or rarely used decoders on what may be an uploaded file. MPO is how Pillow opens many camera JPEGs.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP")
+DECODED_FORMATS = (*IMAGE_FORMATS, "MPO")
+FORMAT_NAMES = "PNG, JPEG, WebP, GIF, TIFF or BMP"
 
 
 def to_pil_image(image) -> Image.Image:
@@ -233,15 +287,16 @@ def _open_image_file(path: Path) -> Image.Image:
             "a PIL image, or a uint8 array."
         )
     name = f"image file {str(path)!r}"
+    check_not_lfs_pointer(path, "image")
     try:
-        opened = Image.open(path)
+        opened = Image.open(path, formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as error:
         # Pillow refuses above twice the limit while reading the header; `_decode` refuses the rest.
         raise _too_many_pixels(name, f"over {2 * Image.MAX_IMAGE_PIXELS}") from error
     except UnidentifiedImageError as error:
         raise ValueError(
-            f"Cannot read {name}: Pillow does not recognise its format. Pass a PNG, JPEG, WebP, GIF, TIFF or BMP "
-            "file, and check that the path points at the image, not at e.g. a text or HTML file."
+            f"Cannot read {name}: Pillow does not recognise its format as {FORMAT_NAMES}, the formats read here. "
+            "Convert it to one of them, and check that the path points at the image, not at e.g. a text or HTML file."
         ) from error
     except DECODE_ERRORS as error:
         raise _undecodable(name, error) from error
@@ -257,6 +312,12 @@ def _decode(image: Image.Image, name: str):
     An image read from a file is checked against the pixel limit on its header size, before decoding.
     """
     if isinstance(image, ImageFile.ImageFile):
+        if image.tile and image.format not in DECODED_FORMATS:
+            raise ValueError(
+                f"Refusing to decode {name}: it is a {image.format} image, not {FORMAT_NAMES}, and some decoders run "
+                "external programs (PostScript runs Ghostscript). Convert it to PNG first, or call image.load() "
+                "yourself if you trust the file."
+            )
         if image.tile and image.fp is None:
             # Pillow would fail on a bare assert here.
             raise ValueError(
@@ -450,6 +511,16 @@ class InternLMXComposer2ImageProcessor(BaseImageProcessor):
     def __call__(self, images, hd_num: int | None = None, return_tensors: str = "pt") -> BatchFeature:
         """Same as `preprocess`."""
         return self.preprocess(images, hd_num=hd_num, return_tensors=return_tensors)
+
+    def token_budget(self, width: int, height: int, hd_num: int | None = None) -> tuple[int, int, int]:
+        """How many tokens a `width` x `height` image costs at `hd_num` (default `self.hd_num`), without pixels.
+
+        Returns:
+            `tuple[int, int, int]`: `(rows, cols, num_tokens)`, the crop grid and the image's token count at this
+            processor's tile size (3661 for 1920 x 1080 at hd_num 25 with 336 px tiles).
+        """
+        hd_num = self.hd_num if hd_num is None else validate_hd_num(hd_num)
+        return image_token_budget(width, height, hd_num, self.image_size, self.patch_size)
 
     def preprocess(self, images, hd_num: int | None = None, return_tensors: str = "pt") -> BatchFeature:
         """HD-transform, normalise and tile one image or a list of images.

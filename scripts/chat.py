@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from image_processing_4khd import image_token_budget, to_pil_image  # noqa: E402
+from cli import check_model_folder, run  # noqa: E402
+from image_processing_4khd import image_token_budget, to_pil_image, validate_hd_num  # noqa: E402
 
 TINY = {
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
@@ -52,7 +54,8 @@ def build_tiny_model_dir(folder: Path) -> Path:
         user_defined_symbols=[f"[UNUSED_TOKEN_{index}]" for index in range(140, 147)],
     )  # fmt: skip
     (folder / "tokenizer.model").write_bytes(model_file.getvalue())
-    image_token_id = spm.SentencePieceProcessor(model_proto=model_file.getvalue()).piece_to_id("[UNUSED_TOKEN_140]")
+    pieces = spm.SentencePieceProcessor(model_proto=model_file.getvalue())
+    image_token_id = pieces.piece_to_id("[UNUSED_TOKEN_140]")
     config = json.loads((folder / "config.json").read_text())
     config.update(TINY, vocab_size=300, image_token_id=image_token_id)
     (folder / "config.json").write_text(json.dumps(config))
@@ -61,6 +64,12 @@ def build_tiny_model_dir(folder: Path) -> Path:
         (folder / name).write_text(json.dumps({**json.loads((folder / name).read_text()), **update}))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=True), trust_remote_code=True)
+    # The shipped generation settings, with its stop ids (</s> and the turn end) as the tiny vocabulary numbers them;
+    # save_pretrained would otherwise write the defaults of the config, which stop on </s> only.
+    shipped = json.loads((ROOT / "generation_config.json").read_text())
+    stop_ids = [pieces.eos_id(), pieces.piece_to_id("[UNUSED_TOKEN_145]")]
+    ids = {"bos_token_id": pieces.bos_id(), "eos_token_id": stop_ids, "pad_token_id": pieces.eos_id()}
+    model.generation_config = GenerationConfig(**{**shipped, **ids})
     model.save_pretrained(folder)
     return folder
 
@@ -87,7 +96,11 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     args = parser.parse_args(argv)
-    width, height = to_pil_image(args.image).size  # a bad image fails here, before minutes of loading
+    # A bad --hd-num, image or --model fails here, before minutes of loading.
+    validate_hd_num(args.hd_num)
+    width, height = to_pil_image(args.image).size
+    if args.model:
+        check_model_folder(args.model)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
@@ -126,7 +139,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as error:  # bad input: one clear line instead of a traceback
-        sys.exit(f"error: {error}")
+    run(main)

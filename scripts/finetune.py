@@ -10,19 +10,30 @@ the dataclass fields below. `--resume_from_checkpoint last` continues from the n
 files; merge an adapter into full weights with `scripts/merge_lora.py`.
 """
 
+import dataclasses
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-# finetune_data.py sits beside this file; make it importable when this file is loaded by path, not run as a script.
+# cli.py and finetune_data.py sit beside this file; make them importable when this file is loaded by path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_data import ConversationDataset, DataCollator, read_sources  # noqa: E402
+from cli import check_model_folder, quiet_third_party, run  # noqa: E402
+
+quiet_third_party()  # before transformers' Trainer imports peft, which imports bitsandbytes
+import torch  # noqa: E402
+from finetune_data import MAX_HD_NUM, ConversationDataset, DataCollator, read_sources  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +83,41 @@ class DataArguments:
     def __post_init__(self):
         if self.hd_num < 1 or self.max_length < 1:
             raise ValueError(f"--hd_num and --max_length must be >= 1, got {self.hd_num} and {self.max_length}.")
+        if self.hd_num > MAX_HD_NUM:
+            raise ValueError(f"--hd_num must be at most {MAX_HD_NUM}, got {self.hd_num}; the published model used 9 to 65.")
+
+
+def translate_options(argv: list[str]) -> list[str]:
+    """The command line with options that transformers renamed spelled the installed version's way, so one recipe
+    runs on transformers 4 and 5 without errors or deprecation warnings: `--warmup_ratio` (gone in 5, where a
+    `--warmup_steps` below 1 is a ratio) and `--gradient_checkpointing[_kwargs]` (`--activation_checkpointing` from
+    5.20 on; the old name warns there)."""
+    fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    renames = {}
+    if "warmup_ratio" not in fields:
+        renames["--warmup_ratio"] = "--warmup_steps"
+    old, new = "--gradient_checkpointing", "--activation_checkpointing"
+    if new[2:] not in fields:
+        old, new = new, old
+    renames.update({old: new, f"{old}_kwargs": f"{new}_kwargs"})
+    translated = []
+    for argument in argv:
+        name, equals, value = argument.partition("=")
+        translated.append(renames.get(name, name) + equals + value)
+    return translated
 
 
 def prepare_training_args(training_args: TrainingArguments):
-    """Settings this model needs whatever the command line says, and one better default.
+    """Settings this model needs whatever the command line says, and better defaults.
 
     `remove_unused_columns` is forced off because the collator's `pixel_values` and `image_grids` must reach
     `forward`. Gradient checkpointing defaults to the non-reentrant variant, which needs no input gradients (frozen
-    embeddings under LoRA) and recomputes Partial LoRA exactly; transformers 5 renamed its kwargs field.
+    embeddings under LoRA) and recomputes Partial LoRA exactly; transformers 5 renamed its kwargs field. Pinned
+    memory is switched off without an accelerator, where it does nothing but warn on every data loader.
     """
     training_args.remove_unused_columns = False
+    if training_args.use_cpu or not torch.accelerator.is_available():
+        training_args.dataloader_pin_memory = False
     name = next(
         name
         for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
@@ -136,7 +172,10 @@ def select_trainable(model, model_args: ModelArguments, checkpointing: bool):
         target_modules=model_args.target_modules,
         modules_to_save=modules_to_save or None,
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads the property transformers 5.20 renamed; the warning is about peft's code, not this run.
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, config)
 
 
 def main(argv=None, callbacks=None) -> Trainer:
@@ -150,8 +189,11 @@ def main(argv=None, callbacks=None) -> Trainer:
         The `Trainer`, after training and saving.
     """
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    argv = translate_options(sys.argv[1:] if argv is None else [str(argument) for argument in argv])
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     prepare_training_args(training_args)
+    check_model_folder(model_args.model_name_or_path)
+    sources = read_sources(data_args.data_path)  # a missing or malformed data file fails before the model loads
     logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)  # LoRA's initial weights and the dataset draw are then the same on every rank
 
@@ -168,7 +210,7 @@ def main(argv=None, callbacks=None) -> Trainer:
 
     dataset = ConversationDataset(
         processor,
-        read_sources(data_args.data_path),
+        sources,
         max_length=data_args.max_length,
         hd_num=data_args.hd_num,
         image_folder=data_args.image_folder,
@@ -196,4 +238,4 @@ def main(argv=None, callbacks=None) -> Trainer:
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    main()
+    run(main)

@@ -18,16 +18,46 @@ cut, and nothing is truncated silently.
 
 import json
 import logging
+import math
 import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("user", "assistant")
+# The most a data.txt line may draw from one source, in thousands (ten million samples): larger counts are typos,
+# and the index list alone would exhaust memory.
+MAX_THOUSANDS = 10_000
+MAX_HD_NUM = 1000  # the image processor's limit
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a data file; a file that is not UTF-8 raises a `ValueError` naming its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path}:{line}: the file is not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start}); save "
+            "it as UTF-8."
+        ) from None
+
+
+def read_samples(path: Path) -> list:
+    """The samples of one JSON data file; invalid JSON raises a `ValueError` naming the line and column."""
+    try:
+        samples = json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}:{error.colno}: not valid JSON: {error.msg}.") from None
+    if not isinstance(samples, list) or not samples:
+        raise ValueError(f"{path} must hold a non-empty JSON list of samples, got {type(samples).__name__}.")
+    return samples
 
 
 @dataclass
@@ -43,7 +73,9 @@ def read_sources(data_path) -> list[DataSource]:
     """The sources named by `data_path`: a JSON file (its samples, each once) or a `data.txt` mixing file.
 
     Raises:
-        `FileNotFoundError`: for a missing file. `ValueError`: for a malformed `data.txt` line.
+        `FileNotFoundError`: for a missing file, also one that a `data.txt` line names. `ValueError`: for a malformed
+        `data.txt` line (a count that is not a number in (0, MAX_THOUSANDS], an hd_num outside 1-1000) or a file
+        that is not UTF-8, naming the file and the line.
     """
     path = Path(data_path)
     if not path.is_file():
@@ -51,24 +83,28 @@ def read_sources(data_path) -> list[DataSource]:
     if path.suffix == ".json":
         return [DataSource(path)]
     sources = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         fields = line.split("#")[0].split()
         if not fields:
             continue
         try:
             if len(fields) not in (2, 3):
                 raise ValueError
-            count = round(float(fields[1]) * 1000)
+            thousands = float(fields[1])
             hd_num = int(fields[2]) if len(fields) == 3 else None
-            if count <= 0:
+            if not (math.isfinite(thousands) and 0 < thousands <= MAX_THOUSANDS and round(thousands * 1000) > 0):
+                raise ValueError
+            if hd_num is not None and not 1 <= hd_num <= MAX_HD_NUM:
                 raise ValueError
         except ValueError:
             raise ValueError(
-                f"{path}:{number}: expected 'json_path count_in_thousands [hd_num]' with a positive count, got "
-                f"{line.strip()!r}."
+                f"{path}:{number}: expected 'json_path count_in_thousands [hd_num]' with a count in (0, "
+                f"{MAX_THOUSANDS}] thousand and an hd_num in 1-{MAX_HD_NUM}, got {line.strip()!r}."
             ) from None
         source_path = Path(fields[0]) if Path(fields[0]).is_absolute() else path.parent / fields[0]
-        sources.append(DataSource(source_path, count, hd_num))
+        if not source_path.is_file():
+            raise FileNotFoundError(f"{path}:{number}: no data file at {source_path}; fix the path on that line.")
+        sources.append(DataSource(source_path, round(thousands * 1000), hd_num))
     if not sources:
         raise ValueError(f"{path} lists no data sources; write one 'json_path count_in_thousands' per line.")
     return sources
@@ -97,8 +133,9 @@ def to_messages(conversations) -> list[dict]:
 class ConversationDataset(torch.utils.data.Dataset):
     """Training examples from official-format sources, built with the model's processor.
 
-    Every sample is checked when the dataset is built (turns, image files, `hd_num`), and its length is computed from
-    the images' sizes alone; samples longer than `max_length` are dropped with one logged warning. Items are
+    Every sample is checked when the dataset is built (turns, `hd_num`, and every image file decoded once, so a
+    truncated, unreadable or oversized image stops the run before training, not in the middle of it), and its length
+    is computed from the images' sizes; samples longer than `max_length` are dropped with one logged warning. Items are
     `processor.training_example(...)` outputs: `input_ids`, `labels` and, with images, `pixel_values` and
     `image_grids`.
 
@@ -114,14 +151,16 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __init__(self, processor, sources, max_length: int, hd_num: int, image_folder=None, seed: int = 0):
         self.processor = processor
         self.max_length = max_length
+        # The image reader of the processor's own module (remote code), so the check reads images exactly as training.
+        self.read_image = sys.modules[type(processor.image_processor).__module__].to_pil_image
+        self.image_sizes = {}  # path -> (width, height) of every image decoded so far
         rng = random.Random(seed)
         self.examples = []  # (messages, image paths, hd_num, source label)
         too_long = total = 0
         for source in sources:
-            samples = json.loads(Path(source.path).read_text())
-            if not isinstance(samples, list) or not samples:
-                raise ValueError(f"{source.path} must hold a non-empty JSON list of samples.")
+            samples = read_samples(Path(source.path))
             folder = Path(image_folder) if image_folder is not None else Path(source.path).parent
+            self._decode_images(samples, folder)
             hd = source.hd_num if source.hd_num is not None else hd_num
             kept = {}  # sample index -> example, or None when too long; repeated draws are checked once
             for index in draw(len(samples), source.num_samples, rng):
@@ -140,6 +179,35 @@ class ConversationDataset(torch.utils.data.Dataset):
         if not self.examples:
             raise ValueError(f"No sample fits in max_length={max_length}; raise max_length or lower hd_num.")
 
+    @staticmethod
+    def _image_paths(sample, folder) -> list[Path]:
+        """The image paths of one sample, relative ones under `folder`."""
+        names = sample.get("image") or []
+        names = [names] if isinstance(names, str) else names
+        if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
+            raise ValueError(f"'image' must be a path or a list of paths, got {names!r:.80}.")
+        return [Path(name) if Path(name).is_absolute() else folder / name for name in names]
+
+    def _decode_images(self, samples, folder):
+        """Decode every image file the samples of one source name, in threads (Pillow releases the GIL), and record
+        its size. A failure is raised later by `_check`, with the sample that names the file."""
+        paths = set()
+        for sample in samples:
+            try:
+                paths.update(self._image_paths(sample, folder) if isinstance(sample, dict) else [])
+            except ValueError:
+                continue  # reported by `_check` with the sample's name
+        paths = [path for path in paths if path not in self.image_sizes and path.is_file()]
+
+        def size_of(path):
+            try:
+                return self.read_image(path).size
+            except (ValueError, OSError) as error:
+                return error
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            self.image_sizes.update(zip(paths, pool.map(size_of, paths)))
+
     def _check(self, sample, index, json_path, folder, hd_num):
         """The example of one sample as `(messages, image paths, hd_num, label)`, or `None` if it is too long."""
         label = f"sample {index} (id {sample.get('id')!r}) of {json_path}" if isinstance(sample, dict) else None
@@ -147,15 +215,15 @@ class ConversationDataset(torch.utils.data.Dataset):
             if label is None:
                 raise ValueError("a sample must be a JSON object with 'conversations' and optionally 'image'.")
             messages = to_messages(sample.get("conversations"))
-            names = sample.get("image") or []
-            names = [names] if isinstance(names, str) else names
-            paths = [Path(name) if Path(name).is_absolute() else folder / name for name in names]
+            paths = self._image_paths(sample, folder)
             sizes = []
             for path in paths:
                 if not path.is_file():
                     raise FileNotFoundError(f"image {path} does not exist")
-                with Image.open(path) as image:  # reads the header only
-                    sizes.append(image.size)
+                size = self.image_sizes[path]
+                if isinstance(size, Exception):
+                    raise size
+                sizes.append(size)
             length = self.processor.training_length(messages, sizes, hd_num)
         except (ValueError, OSError) as error:
             raise type(error)(f"{label or f'sample {index} of {json_path}'}: {error}") from error

@@ -6,11 +6,16 @@ code, tokenizer and processor files, so the folder loads like the published mode
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoProcessor
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import check_model_folder, quiet_third_party, run  # noqa: E402
+
+quiet_third_party()  # before peft imports bitsandbytes
+import torch  # noqa: E402
+from peft import PeftModel  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoProcessor  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +39,7 @@ def merge(base: str, adapter: str, output: str, dtype: str = "auto"):
     """
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    check_model_folder(base, "base model folder")
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(
             f"No adapter_config.json in {adapter}; pass the --output_dir of a `finetune.py --use_lora` run."
@@ -58,4 +64,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    main()
+    run(main)

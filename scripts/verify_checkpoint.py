@@ -3,6 +3,9 @@
 Usage: python scripts/verify_checkpoint.py FOLDER [--config DIR] [--to-safetensors OUT [--max-shard-gb 5]]
 Reads only tensor names and shapes (one shard at a time), builds our model on the meta device, and lists the
 missing, unexpected and mis-shaped tensors. Exit status 0 when everything matches, 1 otherwise.
+
+The model is always built from THIS repository's code with the checked config's values: the Python files of the
+checked folder (the published repository ships its own) are never run.
 """
 
 import argparse
@@ -16,9 +19,14 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import run  # noqa: E402
+
+sys.path.insert(0, str(REPO_ROOT))
+from image_processing_4khd import check_folder_for_lfs_pointers  # noqa: E402
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -38,6 +46,17 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(
         f"No checkpoint in {folder}: expected {SAFE_INDEX}, model.safetensors, {BIN_INDEX} or pytorch_model.bin."
     )
+
+
+def bin_checkpoint_files(folder: Path) -> list[Path]:
+    """The `.bin` weight files of `folder`; a `ValueError` when it holds safetensors, which need no conversion."""
+    files = checkpoint_files(folder)
+    if files[0].suffix == ".safetensors":
+        raise ValueError(
+            f"{folder} already holds safetensors weights ({files[0].name}); there is nothing to convert: load the "
+            "folder as it is, or drop --to-safetensors."
+        )
+    return files
 
 
 def load_bin_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -71,15 +90,33 @@ def default_config_folder(folder: Path) -> Path:
     return REPO_ROOT
 
 
+def our_class(reference: str):
+    """A class of this repository's remote code (e.g. "modeling_internlm_xcomposer2.InternLMXComposer2ForCausalLM"),
+    loaded the way transformers loads remote code, from REPO_ROOT: never from the folder being checked."""
+    return get_class_from_dynamic_module(reference, REPO_ROOT)
+
+
 def expected_shapes(config_folder: Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of our model built from the code and config.json in `config_folder`.
+    """Name -> shape of every tensor of our model, built from this repository's code with the values of the
+    config.json in `config_folder` (that folder's Python files are not run).
 
     The model is built on the meta device, so this costs no memory even at the 7B size.
     """
-    config = AutoConfig.from_pretrained(config_folder, trust_remote_code=True)
+    shipped = json.loads((REPO_ROOT / "config.json").read_text())["auto_map"]
+    config_class = our_class(shipped["AutoConfig"])
+    config = config_class.from_dict(json.loads((config_folder / "config.json").read_text()))
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+        model = our_class(shipped["AutoModelForCausalLM"])(config)
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def foreign_code(folder: Path) -> list[str]:
+    """The Python files of `folder` that differ from this repository's (and so were not run)."""
+    return sorted(
+        path.name
+        for path in folder.glob("*.py")
+        if not (REPO_ROOT / path.name).is_file() or (REPO_ROOT / path.name).read_bytes() != path.read_bytes()
+    )
 
 
 @dataclass
@@ -120,9 +157,7 @@ def convert_to_safetensors(folder: Path, out: Path, max_shard_bytes: int = 5 * 1
     about one output shard. A tensor larger than `max_shard_bytes` gets a shard of its own.
     Returns the written files, `model.safetensors.index.json` last.
     """
-    files = checkpoint_files(folder)
-    if files[0].suffix == ".safetensors":
-        raise ValueError(f"{folder} already holds safetensors weights; there is nothing to convert.")
+    files = bin_checkpoint_files(folder)
     out.mkdir(parents=True, exist_ok=True)
     shards, pending, pending_bytes, total_size = [], {}, 0, 0
     for path in files:
@@ -156,8 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--config",
         type=Path,
-        help="folder with our code and the config.json to check against (default: FOLDER if its config.json is "
-        "ours, with vision fields; otherwise this repository's root, i.e. the published 7B model)",
+        help="folder whose config.json to check against, with this repository's code (default: FOLDER if its "
+        "config.json is ours, with vision fields; otherwise this repository's root, i.e. the published 7B model)",
     )
     parser.add_argument(
         "--to-safetensors",
@@ -169,12 +204,23 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, in GB (1e9 bytes)")
     args = parser.parse_args(argv)
 
+    if not args.folder.is_dir():
+        raise FileNotFoundError(
+            f"No folder at {str(args.folder)!r}; pass the folder that holds the downloaded weights."
+        )
+    check_folder_for_lfs_pointers(args.folder)
+    if args.to_safetensors:
+        bin_checkpoint_files(args.folder)  # refuses safetensors before the check, not after it
     config_folder = args.config or default_config_folder(args.folder)
+    if not (config_folder / "config.json").is_file():
+        raise FileNotFoundError(f"No config.json in {str(config_folder)!r}; pass --config with a folder that has one.")
     found = read_checkpoint_shapes(args.folder)
     expected = expected_shapes(config_folder)
     result = compare(found, expected)
     print(f"checkpoint: {args.folder} ({len(checkpoint_files(args.folder))} weight files)")
-    print(f"model:      {config_folder / 'config.json'}")
+    print(f"model:      {config_folder / 'config.json'} with this repository's code")
+    if foreign_code(args.folder):
+        print(f"note:       not run, the folder's own code: {', '.join(foreign_code(args.folder))}")
     print(f"tensors:    {len(found)} (model: {len(expected)})")
     print(f"parameters: {num_parameters(found):,} (model: {num_parameters(expected):,})")
     for name in result.missing:
@@ -197,4 +243,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -382,12 +382,17 @@ def test_resumed_run_continues_the_same_loss_curve(model_dir, data_file, tmp_pat
     assert max(abs(got[step] - expected[step]) for step in (4, 5, 6)) <= 1e-5
 
 
+# The killed run's logged losses and checkpoint are compared with in-process runs, which use one thread (`one_thread`);
+# another thread count sums in another order and moves the losses by ~1e-5, so the subprocess uses one thread too.
 SLOW_WRAPPER = """
     import sys, time
+    import torch
     from transformers import TrainerCallback
 
     sys.path.insert(0, sys.argv[1])
     import finetune
+
+    torch.set_num_threads(1)
 
 
     class Slow(TrainerCallback):
