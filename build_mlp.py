@@ -90,7 +90,7 @@ def merge_2x2(features):
 
 def global_local_layout(merged, image_grids, glb_gn, sub_gn):
     """Lay out each image's tokens: global rows each followed by a newline, one separator, then the crops
-    stitched into one grid whose rows are each followed by a newline (SPEC section 5).
+    stitched into one grid whose rows are each followed by a newline (docs/model.md section 5).
 
     Args:
         merged (`torch.Tensor` of shape `(T, t, t, D)`): merged features of all tiles of all images, per image

@@ -7,7 +7,7 @@ from transformers.utils import is_flash_attn_2_available, logging
 
 logger = logging.get_logger(__name__)
 
-# The published tower: OpenAI CLIP ViT-L/14 at 336 px (SPEC section 1).
+# The published tower: OpenAI CLIP ViT-L/14 at 336 px (docs/model.md section 1).
 CLIP_VIT_L_336 = {
     "hidden_size": 1024,
     "intermediate_size": 4096,
@@ -20,7 +20,7 @@ CLIP_VIT_L_336 = {
     "projection_dim": 768,
 }
 
-# The linears that carry a Partial LoRA branch, with the published ranks and alphas (SPEC section 2).
+# The linears that carry a Partial LoRA branch, with the published ranks and alphas (docs/model.md section 2).
 PLORA_RANKS = {"wqkv": 8, "wo": 256, "w1": 256, "w2": 256, "w3": 256}
 PLORA_ALPHAS = {"wqkv": 16, "wo": 256, "w1": 256, "w2": 256, "w3": 256}
 
@@ -33,7 +33,7 @@ class InternLMXcomposer2Config(PretrainedConfig):
     Args:
         vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
         num_key_value_heads, hidden_act, max_position_embeddings, initializer_range, rms_norm_eps,
-        rope_theta, bias: the InternLM2-7B decoder (SPEC section 1).
+        rope_theta, bias: the InternLM2-7B decoder (docs/model.md section 1).
         vision_config (`dict` or `CLIPVisionConfig`, *optional*):
             The CLIP vision tower, built from this config and never downloaded. Default: ViT-L/14-336.
         plora_ranks / plora_alphas (`dict[str, int]`, *optional*):

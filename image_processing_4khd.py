@@ -404,7 +404,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def hd_transform(image: Image.Image, hd_num: int, tile_size: int) -> Image.Image:
-    """Resize and white-pad `image` so both sides are multiples of `tile_size` (SPEC section 4, steps 1-5).
+    """Resize and white-pad `image` so both sides are multiples of `tile_size` (docs/model.md section 4, steps 1-5).
 
     Args:
         image (`PIL.Image.Image`): The input, any mode; converted to RGB first.

@@ -4,6 +4,7 @@ The decoder knows nothing of images except a per-token image mask: positions whe
 low-rank branch of each `PLoRA` linear. Parameter names follow the published checkpoint.
 """
 
+import contextvars
 import functools
 import inspect
 
@@ -26,6 +27,21 @@ logger = logging.get_logger(__name__)
 # names, and answer in the installed version's name.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 _MASK_PARAMETERS = set(inspect.signature(create_causal_mask).parameters)
+
+
+# True while `generate` runs in this thread: it checked its inputs once, so the forwards of its steps skip the checks
+# (and the host sync of the id-range check on every decode step).
+INPUTS_CHECKED = contextvars.ContextVar("inputs_checked", default=False)
+
+
+def pick_image_mask(image_mask, im_mask):
+    """The image mask passed under either name: `image_mask`, or `im_mask` as the original code and the clients
+    written for it (VLMEvalKit, lmms-eval, ms-swift) call it."""
+    if im_mask is None:
+        return image_mask
+    if image_mask is not None:
+        raise ValueError("Pass the image mask once: as image_mask, or as im_mask (the original's name).")
+    return im_mask
 
 
 def pop_cache(past_key_values, kwargs):
@@ -188,7 +204,7 @@ class InternLM2Attention(nn.Module):
     """Grouped-query attention with the fused `wqkv` projection of the published checkpoint.
 
     `wqkv` rows are laid out per key/value group: for group h, the `n_rep` query heads h*n_rep .. , then key
-    head h, then value head h, each `head_dim` rows (SPEC section 3).
+    head h, then value head h, each `head_dim` rows (docs/model.md section 3).
     """
 
     def __init__(self, config, layer_idx):
@@ -308,6 +324,7 @@ class InternLM2Model(nn.Module):
         output_attentions=False,
         pixel_values=None,
         image_grids=None,
+        im_mask=None,
         **kwargs,
     ):
         """
@@ -316,6 +333,7 @@ class InternLM2Model(nn.Module):
             attention_mask (`(B, past + T)`, 1 for real tokens, 0 for padding), optional.
             image_mask (`torch.BoolTensor` of shape `(B, T)`, *optional*): true at positions whose embedding came
                 from the vision side; those positions get the Partial LoRA branch. None = no image positions.
+                `im_mask` is the original's name for it and is accepted too.
             pixel_values (`(num_tiles, 3, S, S)`) and image_grids (`(N, 2)`), *optional*: the images of `input_ids`'
                 placeholders, as the processor returns them; encoded by `embed_images` (prefill only).
             past_key_values / cache (`Cache`, *optional*): the KV cache, updated in place.
@@ -328,7 +346,9 @@ class InternLM2Model(nn.Module):
             which would otherwise be ignored silently), or attention weights from a fused attention backend.
         """
         past_key_values = pop_cache(past_key_values, kwargs)
+        image_mask = pick_image_mask(image_mask, im_mask)
         self._check_image_arguments(input_ids, pixel_values, image_grids, kwargs)
+        self._check_inputs(input_ids, attention_mask, pixel_values, inputs_embeds, past_key_values)
         if output_attentions and self.config._attn_implementation != "eager":
             raise ValueError(
                 f"output_attentions=True needs eager attention; {self.config._attn_implementation!r} does not compute "
@@ -396,6 +416,58 @@ class InternLM2Model(nn.Module):
             attentions=all_attentions,
             **{CACHE_FIELD: past_key_values if use_cache else None},
         )
+
+    def _check_inputs(self, input_ids, attention_mask, pixel_values, inputs_embeds, past_key_values=None):
+        """Checks of hand-built ids for `generate` and `forward`, each error with its fix.
+
+        Shapes and dtypes always; for a whole prompt (no cache yet) also the attention mask's shape and, in one host
+        sync, the id range (an id outside the embedding is a device-side assert on CUDA) and image placeholders
+        without images (the model would read their embeddings as an image). Inside `generate`, whose entry checked
+        the prompt already, the forwards of the steps skip every check.
+        """
+        if input_ids is None or INPUTS_CHECKED.get():
+            return
+        fix = "Build the inputs with the model's processor: inputs = processor(prompt, images=...)."
+        if not torch.is_tensor(input_ids):
+            kind = type(input_ids).__name__
+            raise TypeError(f"input_ids must be a torch tensor of shape (batch, length), got {kind}. {fix}")
+        if input_ids.dim() != 2:
+            hint = "add the batch dimension with input_ids[None]." if input_ids.dim() == 1 else fix
+            raise ValueError(f"input_ids must be 2-D (batch, length), got shape {tuple(input_ids.shape)}; {hint}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(
+                f"input_ids must hold integer token ids (torch.long), got {input_ids.dtype}; cast ids with .long(), or "
+                f"pass embeddings as inputs_embeds. {fix}"
+            )
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one token id. {fix}")
+        if past_key_values is not None:
+            return
+        if attention_mask is not None and (
+            not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != tuple(input_ids.shape)
+        ):
+            shape = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}; pass the "
+                "attention_mask the processor returned with the ids (or none for an unpadded batch)."
+            )
+        if torch.compiler.is_compiling():
+            return
+        vocab_size, image_token_id = self.config.vocab_size, self.config.image_token_id
+        outside = (input_ids < 0) | (input_ids >= vocab_size)
+        any_outside, any_placeholder = torch.stack([outside.any(), (input_ids == image_token_id).any()]).tolist()
+        if any_outside:
+            raise ValueError(
+                f"input_ids hold ids outside the vocabulary [0, {vocab_size}), e.g. {input_ids[outside][:5].tolist()}; "
+                "tokenize with this model's tokenizer: "
+                "AutoTokenizer.from_pretrained(model_folder, trust_remote_code=True)."
+            )
+        if any_placeholder and pixel_values is None and inputs_embeds is None:
+            raise ValueError(
+                f"input_ids hold image placeholder ids ({image_token_id}) but no pixel_values were given, so the model "
+                "would read the placeholder embeddings as an image. Pass the pixel_values and image_grids the "
+                "processor returned with these ids, or build the ids without <ImageHere>."
+            )
 
     def _check_image_arguments(self, input_ids, pixel_values, image_grids, kwargs):
         """Refuse image inputs this call would otherwise drop: `**kwargs` reach the attention backend, which ignores

@@ -2,7 +2,6 @@
 Partial LoRA + output head, loading the published 4KHD checkpoint unchanged.
 """
 
-import contextvars
 import copy
 from numbers import Integral
 from threading import Thread
@@ -28,7 +27,14 @@ from .image_processing_4khd import (
     tokens_per_side,
     validate_hd_num,
 )
-from .modeling_internlm2 import CACHE_FIELD, InternLM2Model, InternLM2RMSNorm, pop_cache
+from .modeling_internlm2 import (
+    CACHE_FIELD,
+    INPUTS_CHECKED,
+    InternLM2Model,
+    InternLM2RMSNorm,
+    pick_image_mask,
+    pop_cache,
+)
 from .original_api import OriginalAPIMixin
 from .processing_internlm_xcomposer2 import (
     DEFAULT_SYSTEM,
@@ -43,9 +49,6 @@ logger = logging.get_logger(__name__)
 # Left unquantised by bitsandbytes loading unless `llm_int8_skip_modules` says otherwise: the vision tower and the
 # projector (small, and the image path is the most sensitive) and the LM head (as transformers keeps heads).
 DEFAULT_QUANTIZATION_SKIP = ["vit", "vision_proj", "output"]
-# True while `generate` runs in this thread: it checked its inputs once, so the forwards of its steps skip the checks
-# (and the host sync of the id-range check on every decode step).
-_INPUTS_CHECKED = contextvars.ContextVar("inputs_checked", default=False)
 
 
 class InternLMXComposer2ForCausalLM(OriginalAPIMixin, PreTrainedModel, GenerationMixin):
@@ -193,58 +196,6 @@ class InternLMXComposer2ForCausalLM(OriginalAPIMixin, PreTrainedModel, Generatio
                 f"{pixel_values.shape[0]}. {fix}"
             )
 
-    def _check_inputs(self, input_ids, attention_mask, pixel_values, inputs_embeds, past_key_values=None):
-        """Checks of hand-built ids for `generate` and `forward`, each error with its fix.
-
-        Shapes and dtypes always; for a whole prompt (no cache yet) also the attention mask's shape and, in one host
-        sync, the id range (an id outside the embedding is a device-side assert on CUDA) and image placeholders
-        without images (the model would read their embeddings as an image). Inside `generate`, whose entry checked
-        the prompt already, the forwards of the steps skip every check.
-        """
-        if input_ids is None or _INPUTS_CHECKED.get():
-            return
-        fix = "Build the inputs with the model's processor: inputs = processor(prompt, images=...)."
-        if not torch.is_tensor(input_ids):
-            kind = type(input_ids).__name__
-            raise TypeError(f"input_ids must be a torch tensor of shape (batch, length), got {kind}. {fix}")
-        if input_ids.dim() != 2:
-            hint = "add the batch dimension with input_ids[None]." if input_ids.dim() == 1 else fix
-            raise ValueError(f"input_ids must be 2-D (batch, length), got shape {tuple(input_ids.shape)}; {hint}")
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise ValueError(
-                f"input_ids must hold integer token ids (torch.long), got {input_ids.dtype}; cast ids with .long(), or "
-                f"pass embeddings as inputs_embeds. {fix}"
-            )
-        if input_ids.numel() == 0:
-            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one token id. {fix}")
-        if past_key_values is not None:
-            return
-        if attention_mask is not None and (
-            not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != tuple(input_ids.shape)
-        ):
-            shape = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
-            raise ValueError(
-                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}; pass the "
-                "attention_mask the processor returned with the ids (or none for an unpadded batch)."
-            )
-        if torch.compiler.is_compiling():
-            return
-        vocab_size, image_token_id = self.config.vocab_size, self.config.image_token_id
-        outside = (input_ids < 0) | (input_ids >= vocab_size)
-        any_outside, any_placeholder = torch.stack([outside.any(), (input_ids == image_token_id).any()]).tolist()
-        if any_outside:
-            raise ValueError(
-                f"input_ids hold ids outside the vocabulary [0, {vocab_size}), e.g. {input_ids[outside][:5].tolist()}; "
-                "tokenize with this model's tokenizer: "
-                "AutoTokenizer.from_pretrained(model_folder, trust_remote_code=True)."
-            )
-        if any_placeholder and pixel_values is None and inputs_embeds is None:
-            raise ValueError(
-                f"input_ids hold image placeholder ids ({image_token_id}) but no pixel_values were given, so the model "
-                "would read the placeholder embeddings as an image. Pass the pixel_values and image_grids the "
-                "processor returned with these ids, or build the ids without <ImageHere>."
-            )
-
     def _check_max_new_tokens(self, max_new_tokens, prompt_length=None):
         """`max_new_tokens` must be a positive integer below `config.max_sequence_length`, leaving room for a prompt of
         `prompt_length` ids when that is known."""
@@ -268,19 +219,19 @@ class InternLMXComposer2ForCausalLM(OriginalAPIMixin, PreTrainedModel, Generatio
             )
 
     def generate(self, inputs=None, *args, **kwargs):
-        """`GenerationMixin.generate`, after checking hand-built inputs once (see `_check_inputs`) and an explicit
-        `max_new_tokens` against `config.max_sequence_length`; the forwards of its steps skip those checks."""
+        """`GenerationMixin.generate`, after checking hand-built inputs once (`InternLM2Model._check_inputs`) and an
+        explicit `max_new_tokens` against `config.max_sequence_length`; the forwards of its steps skip those checks."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         pixel_values, inputs_embeds = kwargs.get("pixel_values"), kwargs.get("inputs_embeds")
-        self._check_inputs(input_ids, kwargs.get("attention_mask"), pixel_values, inputs_embeds)
+        self.model._check_inputs(input_ids, kwargs.get("attention_mask"), pixel_values, inputs_embeds)
         if kwargs.get("max_new_tokens") is not None:
             prompt = input_ids if input_ids is not None else inputs_embeds
             self._check_max_new_tokens(kwargs["max_new_tokens"], prompt.shape[1] if torch.is_tensor(prompt) else None)
-        checked = _INPUTS_CHECKED.set(True)
+        checked = INPUTS_CHECKED.set(True)
         try:
             return super().generate(inputs, *args, **kwargs)
         finally:
-            _INPUTS_CHECKED.reset(checked)
+            INPUTS_CHECKED.reset(checked)
 
     def forward(
         self,
@@ -320,8 +271,7 @@ class InternLMXComposer2ForCausalLM(OriginalAPIMixin, PreTrainedModel, Generatio
         """
         past_key_values = pop_cache(past_key_values, kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        self._check_inputs(input_ids, attention_mask, pixel_values, inputs_embeds, past_key_values)
-        # The decoder (`base_model`) encodes the images and scatters them into the placeholder positions.
+        # The decoder (`base_model`) checks hand-built inputs, encodes the images and scatters them into the placeholder positions.
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -382,10 +332,7 @@ class InternLMXComposer2ForCausalLM(OriginalAPIMixin, PreTrainedModel, Generatio
         step_ids = model_inputs.get("input_ids")
         if step_ids is not None and step_ids.shape[1] == input_ids.shape[1]:
             model_inputs.update(pixel_values=pixel_values, image_grids=image_grids)
-        if im_mask is not None:
-            if image_mask is not None:
-                raise ValueError("Pass the image mask once: as image_mask, or as im_mask (the original's name).")
-            image_mask = im_mask
+        image_mask = pick_image_mask(image_mask, im_mask)
         if image_mask is not None:
             model_inputs["image_mask"] = self._step_image_mask(image_mask, input_ids, inputs_embeds, model_inputs)
         return model_inputs

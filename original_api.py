@@ -20,7 +20,7 @@ from .processing_internlm_xcomposer2 import DEFAULT_SYSTEM, IMAGE_TOKEN
 
 
 def pixels_to_tiles(pixels, tile_size):
-    """Cut one resized, padded and normalised image into the tiles the vision tower takes (SPEC section 5, step 1).
+    """Cut one resized, padded and normalised image into the tiles the vision tower takes (docs/model.md section 5, step 1).
 
     Args:
         pixels (`torch.Tensor` of shape `(3, H, W)`): H and W multiples of `tile_size`.

@@ -12,7 +12,7 @@ from transformers.processing_utils import ProcessorMixin
 from .image_processing_4khd import image_token_budget, to_pil_image, validate_hd_num
 
 IMAGE_TOKEN = "<ImageHere>"
-# Turn markers of the chat format: ordinary pieces of the InternLM2 vocabulary (SPEC section 6).
+# Turn markers of the chat format: ordinary pieces of the InternLM2 vocabulary (docs/model.md section 6).
 TURN_START = "[UNUSED_TOKEN_146]"
 TURN_END = "[UNUSED_TOKEN_145]"
 DEFAULT_SYSTEM = "\n".join(
@@ -33,7 +33,7 @@ def _jinja_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-# The one definition of the chat format (SPEC section 6); `build_prompt` renders it too, and `chat_template.jinja` is
+# The one definition of the chat format (docs/model.md section 6); `build_prompt` renders it too, and `chat_template.jinja` is
 # this text (`make chat-template` writes it; a test checks they match). Without a system message the default system
 # text is used, as the original chat() does; a system message with empty content means no system turn. Assistant
 # content and its turn-end marker sit in `{% generation %}` markers, for `return_assistant_tokens_mask` (TRL's
@@ -194,7 +194,7 @@ class InternLMXComposer2Processor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
 
     def build_prompt(self, query: str, history=(), meta_instruction: str | None = DEFAULT_SYSTEM) -> str:
-        """The chat prompt string of the original `chat()` (SPEC section 6), rendered with the chat template.
+        """The chat prompt string of the original `chat()` (docs/model.md section 6), rendered with the chat template.
 
         Args:
             query (`str`):
@@ -423,7 +423,7 @@ class InternLMXComposer2Processor(ProcessorMixin):
         """Put `num_images` placeholders at the start of the last user turn when the prompt has none.
 
         The model card always writes `<ImageHere>` first in the query; the original family was inconsistent here
-        (SPEC section 6), so this is our documented choice.
+        (docs/model.md section 6), so this is our documented choice.
         """
         if num_images == 0 or IMAGE_TOKEN in prompt:
             return prompt
@@ -436,7 +436,7 @@ class InternLMXComposer2Processor(ProcessorMixin):
                     with_offsets: bool = False):  # fmt: skip
         """Ids of one prompt: the text segments between `<ImageHere>` tokenised one by one, each image as its run of
         placeholder ids. BOS goes before every non-empty segment (the chat rule) or, with `bos_per_segment=False`,
-        before the first one only (the training rule, SPEC section 7); `add_bos=False` leaves out every BOS.
+        before the first one only (the training rule, docs/model.md section 7); `add_bos=False` leaves out every BOS.
 
         With `with_offsets`, returns `(ids, offsets)`: each id's `(start, end)` characters in `prompt` (fast tokenizer
         only), empty spans for BOS and for an image's ids (at its `<ImageHere>`), so no text span covers them."""
@@ -466,17 +466,17 @@ class InternLMXComposer2Processor(ProcessorMixin):
                 offsets += [(position, position)] * image_lengths[index]
                 position += len(IMAGE_TOKEN)
         if not image_lengths and bos_per_segment and add_bos:
-            # The original text-only chat tokenised "<s>" + prompt with BOS: two BOS ids (SPEC section 6).
+            # The original text-only chat tokenised "<s>" + prompt with BOS: two BOS ids (docs/model.md section 6).
             ids, offsets = [bos_id] + ids, [(0, 0)] + offsets
         return (ids, offsets) if with_offsets else ids
 
-    # ---- Training examples (SPEC section 7) ----
+    # ---- Training examples (docs/model.md section 7) ----
 
     def training_text(self, messages) -> str:
         """The training text of a conversation: its user and assistant turns in the chat format, no system turn.
 
         The labels of `mask_human_turns` are right only for text whose turn markers, BOS and EOS are exactly the ones
-        the format puts there, so two rules (SPEC section 7) make the mask provably right:
+        the format puts there, so two rules (docs/model.md section 7) make the mask provably right:
         - turns alternate user, assistant, starting with a user turn and ending with an answer;
         - no content tokenises to a special id (`<s>`, `</s>`, `<unk>`), a turn marker or the image placeholder: such
           text (e.g. a literal "</s>" in scraped HTML) is refused, not trained as an end of sequence.
@@ -584,7 +584,7 @@ class InternLMXComposer2Processor(ProcessorMixin):
             )
 
     def mask_human_turns(self, ids: list[int]) -> list[int]:
-        """Labels of the official fine-tuning (SPEC section 7) for ids laid out by `training_example`.
+        """Labels of the official fine-tuning (docs/model.md section 7) for ids laid out by `training_example`.
 
         Scanning the turn-end markers: one that closes a user turn masks everything from the end of the previous
         answer through itself and the assistant header after it; one that closes an answer records where the answer

@@ -1,4 +1,4 @@
-"""Benchmark: how long each refusal of a hostile input takes and how much memory it needs (issue 14 asks for under
+"""Benchmark: how long each refusal of a hostile input takes and how much memory it needs (the project's limit is under
 1 s and under 200 MB each).
 
 Run: `python bench/bench_refusals.py [--repeats 3]`. Builds the tiny random model of scripts/chat.py in a temporary
@@ -53,7 +53,7 @@ def measure(call):
 
 
 def cases(model, tokenizer, processor, folder, files):
-    """(name, call) of hostile calls across the categories of issue 14."""
+    """(name, call) of hostile calls across the categories of docs/limits-and-errors.md."""
     inputs = dict(processor(processor.build_prompt("<ImageHere>Hi"), images=[files / "ok.png"], hd_num=2))
     ids = inputs["input_ids"]
     hd = sys.modules[type(processor.image_processor).__module__]

@@ -4,7 +4,7 @@
     python bench/gpu_report.py --check        # exit 1 if the page is out of date (a test runs this)
     python bench/gpu_report.py REPORT.json    # print one report as Markdown
 
-Standard library only, so it runs anywhere; the targets are issue #15's, for H100/H200 at the real shape.
+Standard library only, so it runs anywhere; the targets are the project's own (docs/performance.md), for H100/H200 at the real shape.
 """
 
 import argparse
@@ -62,7 +62,7 @@ def in_gb(*keys):
     return value
 
 
-# (target, value read from a report, comparison, limit, unit): issue #15, H100/H200, bf16, random weights.
+# (target, value read from a report, comparison, limit, unit): the project's targets, H100/H200, bf16, random weights.
 TARGETS = [
     ("Time to first token, 3840×1600 at hd_num 55, pre-processing included", lambda r: read(r, "2_ttft", "ttft_s"),
      "<=", 0.5, "s"),

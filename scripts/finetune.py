@@ -1,5 +1,5 @@
 """Fine-tune InternLM-XComposer2-4KHD with the transformers `Trainer`: full fine-tuning, or LoRA through peft, on
-conversations in the official JSON format (SPEC section 7; data loading in `finetune_data.py`).
+conversations in the official JSON format (docs/model.md section 7; data loading in `finetune_data.py`).
 
     python scripts/finetune.py --model_name_or_path MODEL --data_path data.json --output_dir out \
         --bf16 --use_lora --learning_rate 5e-5 --gradient_checkpointing --per_device_train_batch_size 1

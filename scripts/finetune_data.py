@@ -1,5 +1,5 @@
 """Fine-tuning data: the official conversation JSON, the `data.txt` file that mixes several of them, and the collator
-that pads examples into batches (SPEC section 7).
+that pads examples into batches (docs/model.md section 7).
 
 A JSON file is a list of samples::
 

@@ -122,7 +122,8 @@ def test_base_model_returns_the_multimodal_hidden_states(model, processor):
     with torch.no_grad():
         hidden = model.base_model(**inputs).last_hidden_state
         full = model(**inputs, output_hidden_states=True)
-        text_only = model.base_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        placeholder_embeds = model.get_input_embeddings()(inputs["input_ids"])  # the images' positions as text
+        text_only = model.base_model(inputs_embeds=placeholder_embeds, attention_mask=inputs["attention_mask"])
     assert hidden.shape == (1, inputs["input_ids"].shape[1], model.config.hidden_size)
     assert (hidden - full.hidden_states[-1]).abs().max().item() == 0
     assert (model.output(hidden) - full.logits).abs().max().item() == 0
@@ -136,6 +137,10 @@ def test_decoder_refuses_image_arguments_it_cannot_use(model, processor):
         model.base_model(input_ids=inputs["input_ids"], image_grid_thw=inputs["image_grids"])
     with pytest.raises(ValueError, match="image_grids were given without pixel_values"):
         model.base_model(input_ids=inputs["input_ids"], image_grids=inputs["image_grids"])
+    with pytest.raises(ValueError, match="image placeholder ids .* but no pixel_values"):
+        model.base_model(input_ids=inputs["input_ids"])  # the placeholders would be read as an image
+    with pytest.raises(ValueError, match="image placeholder ids .* but no pixel_values"):
+        model.base_model(input_ids=inputs["input_ids"], im_mask=inputs["input_ids"] == model.config.image_token_id)
     decoder_class = type(model.model)
     decoder = decoder_class(model.config)  # a decoder without the vision side
     with pytest.raises(ValueError, match="no vision side to encode pixel_values"):

@@ -1,4 +1,4 @@
-"""Hostile inputs and everyday mistakes at every entry point (issue 14). Each table row is one case: the call, the
+"""Hostile inputs and everyday mistakes at every entry point (docs/limits-and-errors.md). Each table row is one case: the call, the
 exception type, and a pattern that must name the problem and the fix. Nothing may answer silently wrong, run an
 external program, build gigabytes before refusing, or print a traceback for a user's mistake.
 
@@ -235,15 +235,16 @@ def test_generate_names_max_new_tokens(ctx, max_new_tokens, error, match):
 
 def test_checks_cost_no_host_sync_per_decode_step(ctx, monkeypatch):
     """The checks (with their one host read) run once, at generate's entry: the forwards of the steps skip them."""
-    module = sys.modules[type(ctx.model).__module__]
-    check = type(ctx.model)._check_inputs
+    decoder = type(ctx.model.model)
+    module = sys.modules[decoder.__module__]
+    check = decoder._check_inputs
     skipped = []
 
     def recording(self, *args, **kwargs):
-        skipped.append(module._INPUTS_CHECKED.get())
+        skipped.append(module.INPUTS_CHECKED.get())
         return check(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(ctx.model), "_check_inputs", recording)
+    monkeypatch.setattr(decoder, "_check_inputs", recording)
     output = ctx.model.generate(**ctx.inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert output.shape[1] == ctx.inputs["input_ids"].shape[1] + 5
     assert skipped == [False] + [True] * 5  # checked at the entry; the prefill and 4 decode steps skip

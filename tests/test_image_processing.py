@@ -1,6 +1,6 @@
 """Tests for image_processing_4khd.py: the grid rule, pixels, token counts, inputs and loading.
 
-Every expected value comes from an independent implementation written here from SPEC sections 4 and 5.
+Every expected value comes from an independent implementation written here from docs/model.md sections 4 and 5.
 """
 
 import json
@@ -26,7 +26,7 @@ def hd():
     return load_file("image_processing_4khd.py")
 
 
-# ---- independent references, straight from SPEC section 4 ----
+# ---- independent references, straight from docs/model.md section 4 ----
 
 
 def reference_grid(width, height, hd_num, tile):
@@ -44,7 +44,7 @@ def reference_grid(width, height, hd_num, tile):
 
 
 def reference_padded_canvas(image, hd_num, tile):
-    """SPEC 4 steps 1-5 with plain PIL calls: the padded RGB canvas."""
+    """docs/model.md section 4, steps 1-5 with plain PIL calls: the padded RGB canvas."""
     image = image.convert("RGB")
     transposed = image.width < image.height
     if transposed:
@@ -59,14 +59,14 @@ def reference_padded_canvas(image, hd_num, tile):
 
 
 def reference_padded(image, hd_num, tile):
-    """SPEC 4 step 6 in numpy float32: (3, H, W) normalised padded image."""
+    """docs/model.md section 4, step 6 in numpy float32: (3, H, W) normalised padded image."""
     pixels = np.asarray(reference_padded_canvas(image, hd_num, tile)).astype(np.float32) / 255
     pixels = (pixels - CLIP_MEAN) / CLIP_STD  # (H, W, 3)
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
 def count_tokens_by_enumeration(rows, cols, tokens_per_side):
-    """Lay out SPEC 5 steps 4-6 token by token and count."""
+    """Lay out docs/model.md section 5, steps 4-6 token by token and count."""
     sequence = []
     for _ in range(tokens_per_side):  # global view: each row, then a newline
         sequence += ["global"] * tokens_per_side + ["newline"]

@@ -1,7 +1,7 @@
 """Tests for the model: loading through the Auto classes, the published layout, Partial LoRA, the fused wqkv
 layout, attention backends, the KV cache, padding, image inputs and training, all on tiny random models.
 
-Expected values come from the config, SPEC sections 1-3 and plain torch recomputations written here.
+Expected values come from the config, docs/model.md sections 1-3 and plain torch recomputations written here.
 """
 
 import json
@@ -87,7 +87,7 @@ def tiny_pixels(num_tiles, seed=3):
 
 
 def num_image_tokens(rows, cols, t=TOKENS_PER_SIDE):
-    """SPEC section 5: global t x (t + 1), one separator, local (t * rows) x (t * cols + 1)."""
+    """docs/model.md section 5: global t x (t + 1), one separator, local (t * rows) x (t * cols + 1)."""
     return t * (t + 1) + 1 + t * rows * (t * cols + 1)
 
 
@@ -269,7 +269,7 @@ def test_plora_gets_zero_grad_in_text_only_training(model):
     assert model.model.layers[0].attention.wqkv.weight.grad.abs().max() > 0
 
 
-# ---- attention layout (SPEC section 3) ----
+# ---- attention layout (docs/model.md section 3) ----
 
 
 def expected_qkv_rows(config):

@@ -152,6 +152,21 @@ def test_im_mask_and_image_mask_spellings_give_the_same_ids(client_model, proces
     assert expected.shape[0] == options.get("num_return_sequences", 1)
 
 
+def test_forward_takes_im_mask_as_image_mask(client_model, chat_dir):
+    """ms-swift's 4KHD template calls `model(inputs_embeds=..., im_mask=..., labels=...)`: the mask must reach the
+    Partial LoRA branches, on the whole model and on its base model, not vanish into `**kwargs`."""
+    model = client_model
+    embeds, im_mask = frameworks_embeds(model, TEXT, chat_dir / "doc.png")
+    with torch.no_grad():
+        spelled = model(inputs_embeds=embeds, im_mask=im_mask).logits
+        ours = model(inputs_embeds=embeds, image_mask=im_mask).logits
+        unmasked = model(inputs_embeds=embeds).logits
+        base = model.base_model(inputs_embeds=embeds, im_mask=im_mask).last_hidden_state
+    assert (spelled - ours).abs().max().item() == 0
+    assert (model.output(base) - ours).abs().max().item() == 0
+    assert (spelled - unmasked).abs().max().item() > 1e-4
+
+
 def test_a_mask_of_the_wrong_shape_is_refused(client_model, chat_dir):
     embeds, im_mask = frameworks_embeds(client_model, TEXT, chat_dir / "doc.png")
     with pytest.raises(ValueError, match=r"im_mask\) has shape \(1, \d+\) but the prompt is \(1, \d+\)"):

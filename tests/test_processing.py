@@ -1,7 +1,7 @@
 """Tests for tokenization_internlm2.py and processing_internlm_xcomposer2.py: ids, prompt strings, image expansion.
 
 A tiny sentencepiece model is trained here (fixed corpus and options, so its ids are reproducible); every expected id
-is built by hand from that model with `sentencepiece` itself, every expected string is written out from SPEC section 6.
+is built by hand from that model with `sentencepiece` itself, every expected string is written out from docs/model.md section 6.
 """
 
 import json
@@ -17,7 +17,7 @@ from transformers import AutoProcessor, AutoTokenizer
 TURN_START = "[UNUSED_TOKEN_146]"
 TURN_END = "[UNUSED_TOKEN_145]"
 RESERVED_IMAGE_PIECE = "[UNUSED_TOKEN_140]"  # the 7B model's image_token_id 92537 is this piece
-# SPEC section 6, verbatim.
+# docs/model.md section 6, verbatim.
 DEFAULT_SYSTEM = (
     "You are an AI assistant whose name is InternLM-XComposer (浦语·灵笔).\n"
     "- InternLM-XComposer (浦语·灵笔) is a multi-modality conversational language model that is developed by Shanghai "
@@ -31,7 +31,7 @@ TILE = 56  # the tiny CLIP of conftest: 56 / 14 = 4 patches, 2 tokens per tile s
 TOKENS_PER_SIDE = 2
 
 def count_for_grid(rows, cols):
-    """SPEC section 5, step 6, at 2 tokens per tile side."""
+    """docs/model.md section 5, step 6, at 2 tokens per tile side."""
     t = TOKENS_PER_SIDE
     return t * t * (rows * cols + 1) + 1 + t * (rows + 1)
 
@@ -158,7 +158,7 @@ def test_published_added_tokens_never_give_ids_outside_the_vocabulary(tmp_path, 
     assert tokenizer(text)["input_ids"] == [sp.bos_id()] + sp.encode(text)
 
 
-# ---- prompt strings (SPEC section 6, written out by hand) ----
+# ---- prompt strings (docs/model.md section 6, written out by hand) ----
 
 
 def test_prompt_with_default_system(processor):

@@ -1,5 +1,5 @@
 """Property-based tests of the image processor and the processor: for random sizes, modes and hd_num, the grid obeys
-the rule of SPEC section 4, the tiles have the promised shapes and white padding, and the token count computed from
+the rule of docs/model.md section 4, the tiles have the promised shapes and white padding, and the token count computed from
 the size alone (`image_token_budget`, `num_image_tokens`) is exactly the number of placeholder ids the processor
 writes.
 
@@ -131,7 +131,7 @@ def test_token_budget_counts_the_layout(hd, width, height, hd_num):
     layout = hd.hd_layout(width, height, hd_num, TILE)
     assert (rows, cols) == (layout.rows, layout.cols)
     side = TILE // PATCH // 2
-    # SPEC section 5: the global view and the stitched crops, each row followed by a newline, one separator.
+    # docs/model.md section 5: the global view and the stitched crops, each row followed by a newline, one separator.
     assert num_tokens == side * (side + 1) + 1 + side * rows * (side * cols + 1)
     assert num_tokens == hd.num_image_tokens(rows, cols, side)
 

@@ -1,4 +1,4 @@
-"""Training examples (SPEC section 7): ids and labels against ones built by hand from raw sentencepiece, the
+"""Training examples (docs/model.md section 7): ids and labels against ones built by hand from raw sentencepiece, the
 data.txt mixing file, dropping over-long samples, and batches that mix images and text."""
 
 import json

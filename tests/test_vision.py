@@ -1,4 +1,4 @@
-"""The vision side: every token of the global-local layout lands where SPEC section 5 puts it, and the tiny
+"""The vision side: every token of the global-local layout lands where docs/model.md section 5 puts it, and the tiny
 CLIP tower runs the same code path as the 7B one, from pixels to projected features."""
 
 import itertools
@@ -22,7 +22,7 @@ def synthetic_features(num_tiles, side):
 
 
 def expected_layout(rows, cols, t):
-    """The token sequence of SPEC section 5, token by token: each entry is the 4 (tile, row, col) patches that
+    """The token sequence of docs/model.md section 5, token by token: each entry is the 4 (tile, row, col) patches that
     were merged into it (top-left, top-right, bottom-left, bottom-right), or a newline/separator marker."""
 
     def merged(tile, r, c):
