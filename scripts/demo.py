@@ -67,11 +67,21 @@ def prompt_runs(input_ids: list[int], tokenizer, image_token_id: int) -> list[tu
     return described
 
 
-def stream_reply(model, tokenizer, query: str, image, hd_num: int, max_new_tokens: int, min_new_tokens: int = 0):
+def tiny_reply_options(tokenizer, length: int) -> dict:
+    """`generate` options that make a tiny random model's reply visible: it often picks a stop id at once and strings
+    byte-fallback pieces into invalid UTF-8 (which a streamer holds back to the very end). So: exactly `length` new
+    tokens, no byte pieces or reserved `[UNUSED_TOKEN_N]` pieces (turn markers, the image placeholder), no repeated
+    pairs. Real weights never get these."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
+    unreadable = [index for index, piece in enumerate(pieces) if piece.startswith(("<0x", "[UNUSED_TOKEN_"))]
+    return {"min_new_tokens": length, "max_new_tokens": length, "suppress_tokens": unreadable, "no_repeat_ngram_size": 2}
+
+
+def stream_reply(model, tokenizer, query: str, image, hd_num: int, **generate_kwargs):
     """Print the reply as it streams; returns it with the time to its first piece and the total time, in seconds."""
     start, first_piece_s, printed = time.perf_counter(), None, ""
     print("assistant: ", end="", flush=True)
-    options = dict(hd_num=hd_num, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False)
+    options = dict(hd_num=hd_num, do_sample=False, **generate_kwargs)
     for reply in model.stream_chat(tokenizer, query, image=image, **options):
         if reply != printed and first_piece_s is None:
             first_piece_s = time.perf_counter() - start
@@ -111,7 +121,7 @@ def main(argv=None):
             folder, dtype = Path(args.keep or scratch), torch.float32
             folder.mkdir(parents=True, exist_ok=True)
             print(f"No --model given: building a TINY RANDOM model in {folder}.")
-            print("Its reply is random pieces, often bytes that are not valid UTF-8 (shown as �); every step is real.")
+            print("Its reply is random word pieces (we keep it from bytes and markers); every step is real.")
             build_tiny_model_dir(folder)
         device_map = "auto" if torch.cuda.is_available() else None
         model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype, device_map=device_map).eval()
@@ -151,10 +161,9 @@ def main(argv=None):
 
         heading(6, "The streamed reply")
         print(f"user: {args.query}")
-        # A random model often picks a stop id at once; make it write the whole reply so there is a stream to see.
-        min_new_tokens = 0 if args.model else args.max_new_tokens
-        _, first_piece_s, total_s = stream_reply(model, tokenizer, args.query, image, args.hd_num,
-                                                 args.max_new_tokens, min_new_tokens)  # fmt: skip
+        options = {"max_new_tokens": args.max_new_tokens}
+        options = options if args.model else tiny_reply_options(tokenizer, args.max_new_tokens)
+        _, first_piece_s, total_s = stream_reply(model, tokenizer, args.query, image, args.hd_num, **options)
         print(f"time to first token {first_piece_s * 1000:.0f} ms (pre-processing, vision tower and prefill of "
               f"{len(input_ids)} ids on {model.device}); whole reply {total_s:.2f} s")  # fmt: skip
 

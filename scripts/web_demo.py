@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from chat import build_tiny_model_dir  # noqa: E402
 from cli import check_model_folder, run  # noqa: E402
-from demo import PUBLISHED_TILE  # noqa: E402 - the published model's tile: what a real run pays
+from demo import PUBLISHED_TILE, tiny_reply_options  # noqa: E402 - PUBLISHED_TILE: what a real run pays
 from image_processing_4khd import image_token_budget, to_pil_image, validate_hd_num  # noqa: E402
 from show_layout import draw_layout  # noqa: E402
 
@@ -69,8 +69,9 @@ def turn_query(question: str, history: list[tuple[str, str]], num_images: int, i
     return question if placed or not num_images else image_token * num_images + question
 
 
-def build_app(model, tokenizer, min_new_tokens: int, max_new_tokens: int, folder: Path):
-    """The Gradio Blocks app around `model`; `folder` holds the layout pictures."""
+def build_app(model, tokenizer, generate_options: dict, tiny: bool, folder: Path):
+    """The Gradio Blocks app around `model`, which answers with `generate_options`; `folder` holds the layout
+    pictures; `tiny` says the model is a tiny random one."""
     import gradio as gr
 
     vision = model.config.vision_config
@@ -95,7 +96,7 @@ def build_app(model, tokenizer, min_new_tokens: int, max_new_tokens: int, folder
         query = turn_query(question, chat_history, len(files), image_token)
         messages = [*messages, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         start, first_piece_s, reply = time.perf_counter(), None, ""
-        options = dict(hd_num=int(hd_num), max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        options = dict(hd_num=int(hd_num), **generate_options)
         try:
             for reply in model.stream_chat(tokenizer, query, image=files or None, history=chat_history,
                                            do_sample=False, **options):  # fmt: skip
@@ -113,7 +114,7 @@ def build_app(model, tokenizer, min_new_tokens: int, max_new_tokens: int, folder
         gr.Markdown(
             "## InternLM-XComposer2-4KHD\n"
             + ("**Tiny random model: the replies are gibberish**, every step is the real code path. "
-               "Start with `--model PATH` for the published weights.\n" if min_new_tokens else "")  # fmt: skip
+               "Start with `--model PATH` for the published weights.\n" if tiny else "")  # fmt: skip
         )
         chat_history = gr.State([])  # (query, reply) pairs, as `chat` takes them
         with gr.Row():
@@ -157,15 +158,15 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         if args.model:
-            folder, dtype, min_new_tokens, max_new_tokens = Path(args.model), torch.bfloat16, 0, args.max_new_tokens
+            folder, dtype = Path(args.model), torch.bfloat16
         else:
-            # A random model often stops at once; a fixed length makes the stream visible.
-            folder, dtype, min_new_tokens, max_new_tokens = build_tiny_model_dir(scratch), torch.float32, 24, 24
+            folder, dtype = build_tiny_model_dir(scratch), torch.float32
         device_map = "auto" if torch.cuda.is_available() else None
         model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype, device_map=device_map).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
         (scratch / "layouts").mkdir()
-        app = build_app(model, tokenizer, min_new_tokens, max_new_tokens, scratch / "layouts")
+        options = {"max_new_tokens": args.max_new_tokens} if args.model else tiny_reply_options(tokenizer, 24)
+        app = build_app(model, tokenizer, options, not args.model, scratch / "layouts")
         # System fonts: the default theme would fetch its fonts from the web.
         theme = gr.themes.Default(font=["sans-serif"], font_mono=["monospace"])
         app.queue().launch(server_name=args.host, server_port=args.port, theme=theme, footer_links=[],

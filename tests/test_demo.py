@@ -31,6 +31,9 @@ def test_demo_prints_grid_budget_prompt_layout_and_reply_and_keeps_the_model(tmp
     assert [int(count) for kind, count in runs if kind != "text"] == [1, 97, 1]
     total = int(re.search(r"total (\d+) ids", out).group(1))
     assert total == sum(int(count) for _, count in runs)
+    # The tiny model's reply is readable pieces: no byte soup, no markers.
+    reply = re.search(r"^assistant: (.*)$", out, re.MULTILINE).group(1)
+    assert reply.strip() and "\ufffd" not in reply and "[UNUSED_TOKEN_" not in reply
     assert re.search(r"time to first token \d+ ms \(pre-processing, vision tower and prefill of " + str(total), out)
     assert (keep / "layout.png").stat().st_size > 0 and f"wrote {keep / 'layout.png'}" in out
     assert "python scripts/demo.py --model PATH" in out
