@@ -229,7 +229,7 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError)
 # Ghostscript) or rarely used decoders on what may be an uploaded file. MPO is how Pillow opens many camera JPEGs.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP")
 DECODED_FORMATS = (*IMAGE_FORMATS, "MPO")
-FORMAT_NAMES = "PNG, JPEG, WebP, GIF, TIFF or BMP"
+FORMAT_NAMES = ", ".join(IMAGE_FORMATS[:-1]).replace("WEBP", "WebP") + f" or {IMAGE_FORMATS[-1]}"
 
 
 def to_pil_image(image) -> Image.Image:

@@ -1,7 +1,8 @@
 """The InternLM2 decoder of InternLM-XComposer2-4KHD, with Partial LoRA on every linear.
 
-The decoder knows nothing of images except a per-token image mask: positions where it is true get the
-low-rank branch of each `PLoRA` linear. Parameter names follow the published checkpoint.
+Positions where the per-token image mask is true get the low-rank branch of each `PLoRA` linear. As the model's
+`base_model` the decoder also takes the images themselves, which its owner encodes (`embed_images`), and it checks
+hand-built ids. Parameter names follow the published checkpoint.
 """
 
 import contextvars
@@ -441,8 +442,8 @@ class InternLM2Model(nn.Module):
             )
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one token id. {fix}")
-        if past_key_values is not None:
-            return
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            return  # a step after the prompt, which was checked when the cache was still empty
         if attention_mask is not None and (
             not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != tuple(input_ids.shape)
         ):

@@ -267,7 +267,7 @@ class InternLMXComposer2Processor(ProcessorMixin):
             `ValueError`: if the number of `<ImageHere>` and of images disagree, if the text contains the reserved
             image piece, if a prompt is longer than `max_length`, or on an unsupported option.
         """
-        if not _is_text(text) and _is_text(images):
+        if text is not None and not _is_text(text) and _is_text(images):
             text, images = images, text
         for group in ("common_kwargs", "text_kwargs", "images_kwargs"):
             kwargs.update(kwargs.pop(group, None) or {})
@@ -458,7 +458,9 @@ class InternLMXComposer2Processor(ProcessorMixin):
                     )
                 ids += [bos_id] * need_bos + segment_ids
                 if with_offsets:
-                    offsets += [(0, 0)] * need_bos + [(position + a, position + b) for a, b in next(text_offsets)]
+                    # An empty span where the BOS stands, so the starts stay sorted (transformers 4.57 bisects them).
+                    bos_spans = [(position, position)] * need_bos
+                    offsets += bos_spans + [(position + a, position + b) for a, b in next(text_offsets)]
                 need_bos = add_bos and bos_per_segment
                 position += len(segment)
             if index < len(image_lengths):

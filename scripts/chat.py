@@ -45,7 +45,7 @@ def build_tiny_model_dir(folder: Path) -> Path:
     """Our code and JSON files, a tiny config, random weights and a tiny sentencepiece tokenizer in `folder`."""
     import sentencepiece as spm
 
-    for path in [*ROOT.glob("*.py"), *ROOT.glob("*.json")]:
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("*.json"), *ROOT.glob("*.jinja")]:
         shutil.copy(path, folder / path.name)
     model_file = io.BytesIO()
     spm.SentencePieceTrainer.train(

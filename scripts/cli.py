@@ -17,11 +17,13 @@ WEIGHT_FILES = (
 def run(main):
     """Call `main()` and exit with the status it returns (0 for anything but an int); a `ValueError` or `OSError` (a
     user's mistake: a missing file, a bad option, a bad image) exits with status 1 and one `error: ...` line on
-    stderr, not a traceback."""
+    stderr, not a traceback; Ctrl-C exits with status 130, quietly."""
     try:
         status = main()
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit(130)
     sys.exit(status if isinstance(status, int) else 0)
 
 

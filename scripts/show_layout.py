@@ -12,6 +12,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import run  # noqa: E402
 from image_processing_4khd import (  # noqa: E402
     InternLMXComposer2ImageProcessor,
     hd_layout,
@@ -118,4 +120,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

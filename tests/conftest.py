@@ -17,7 +17,7 @@ import pytest
 import sentencepiece as spm
 
 ROOT = Path(__file__).resolve().parents[1]
-# Facts about the published checkpoint (copies of the project reference): its config.json and all tensor names/shapes.
+# Facts about the published checkpoint (copied from the published repository): its config.json and all tensor names/shapes.
 REFERENCE = ROOT / "tests" / "fixtures"
 
 # No test may reach the network, and remote-code modules are copied into a throwaway cache.

@@ -147,6 +147,16 @@ def test_decoder_refuses_image_arguments_it_cannot_use(model, processor):
         decoder(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], image_grids=inputs["image_grids"])
 
 
+def test_an_empty_cache_does_not_skip_the_input_checks(model, processor):
+    from transformers import DynamicCache
+
+    inputs = image_inputs(processor)
+    with pytest.raises(ValueError, match="image placeholder ids .* but no pixel_values"):
+        model(input_ids=inputs["input_ids"], past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(input_ids=torch.tensor([[1, model.config.vocab_size]]), past_key_values=DynamicCache())
+
+
 def test_checkpoint_names_save_and_load_unchanged(model, tmp_path):
     names = set(model.state_dict())
     top_level = {"model", "output", "vit", "vision_proj", "plora_glb_GN", "plora_sub_GN"}
@@ -361,6 +371,38 @@ def test_offsets_cover_the_prompt_text(processor):
     assert "".join(text_pieces) == prompt.replace("<ImageHere>", "")
     image_offsets = {tuple(span) for token, span in zip(ids, offsets) if token == processor.image_token_id}
     assert image_offsets == {(prompt.index("<ImageHere>"),) * 2}
+
+
+def test_an_image_path_without_text_is_not_read_as_the_prompt(processor):
+    with pytest.raises(ValueError, match="text must be"):
+        processor(text=None, images="photo.png")
+
+
+def test_offsets_never_go_back(processor):
+    """Offset starts are sorted, BOS after an image included: transformers 4.57 finds the assistant tokens by
+    bisecting them, and a BOS span at (0, 0) in the middle of the sequence put user turns into the mask."""
+    prompt = processor.build_prompt("Look: <ImageHere> and <ImageHere>, which is red?", meta_instruction="")
+    out = processor(prompt, images=[RED, BLUE], return_offsets_mapping=True)
+    starts = [start for start, _ in out["offset_mapping"][0].tolist()]
+    assert out["input_ids"][0].tolist().count(processor.tokenizer.bos_token_id) == 3
+    assert starts == sorted(starts)
+
+
+def test_assistant_mask_with_images_covers_only_the_answers(processor):
+    messages = [
+        NO_SYSTEM,
+        {"role": "user", "content": [{"type": "image", "image": RED}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image", "image": BLUE}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]},
+    ]
+    out = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    ids, mask = out["input_ids"][0].tolist(), out["assistant_masks"][0].tolist()
+    masked = [token for token, keep in zip(ids, mask) if keep]
+    answers = processor.tokenizer("Red.[UNUSED_TOKEN_145]Blue.[UNUSED_TOKEN_145]", add_special_tokens=False)
+    assert masked == answers["input_ids"]
 
 
 # ---- Chat template files ----

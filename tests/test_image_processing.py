@@ -113,7 +113,7 @@ def test_grid_rule_matches_enumeration_on_random_sizes(hd):
         assert 1 <= rows * cols <= hd_num
 
 
-def test_grid_examples_from_spec(hd):
+def test_grid_examples_from_the_model_facts(hd):
     assert hd.image_token_budget(1920, 1080, 25) == (4, 6, 3661)
     assert hd.image_token_budget(3840, 1600, 55) == (5, 11, 8137)
     layout = hd.hd_layout(1920, 1080, 25, 336)

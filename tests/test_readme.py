@@ -28,7 +28,7 @@ PATH_ASSIGNMENT = re.compile(r"^(\s*)path = (['\"]).*?\2", re.MULTILINE)
 IMAGE_LITERAL = re.compile(r"['\"]([\w./-]+\.(?:png|jpe?g|webp))['\"]")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 # Words that point at things a user of this repository cannot see: the project's former notes and its issue tracker.
-INTERNAL = re.compile(r"\bSPEC\b|reference/SPEC|\b[Ii]ssue #?\d+|\bthe issue's|H100 targets")
+INTERNAL = re.compile(r"\bSPEC\b|reference/SPEC|\b[Ii]ssue #?\d+|\bthe issue's|H100 targets|\bworkplace\b|device tool|GPU loan")
 TEXT_SUFFIXES = {".py", ".md", ".txt", ".json", ".jinja", ".toml", ".cfg", ".yaml", ".yml"}
 
 
