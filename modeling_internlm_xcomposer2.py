@@ -271,7 +271,8 @@ class InternLMXComposer2ForCausalLM(OriginalAPIMixin, PreTrainedModel, Generatio
         """
         past_key_values = pop_cache(past_key_values, kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        # The decoder (`base_model`) checks hand-built inputs, encodes the images and scatters them into the placeholder positions.
+        # The decoder (`base_model`) checks hand-built inputs, encodes the images and scatters them into the
+        # placeholder positions.
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,

@@ -20,7 +20,8 @@ from .processing_internlm_xcomposer2 import DEFAULT_SYSTEM, IMAGE_TOKEN
 
 
 def pixels_to_tiles(pixels, tile_size):
-    """Cut one resized, padded and normalised image into the tiles the vision tower takes (docs/model.md section 5, step 1).
+    """Cut one resized, padded and normalised image into the tiles the vision tower takes (docs/model.md section 5,
+    step 1).
 
     Args:
         pixels (`torch.Tensor` of shape `(3, H, W)`): H and W multiples of `tile_size`.
@@ -110,8 +111,8 @@ class OriginalAPIMixin:
 
     def vis_processor(self, image):
         """The original's `vis_processor`: an RGB image to a `(3, H, W)` float32 tensor, scaled to [0, 1] and
-        normalised with CLIP's mean and std; no resize (the caller HD-transforms first). The same float operations as torchvision's
-        `ToTensor` + `Normalize` and as the image processor, so the values are bit-identical.
+        normalised with CLIP's mean and std; no resize (the caller HD-transforms first). The same float operations as
+        torchvision's `ToTensor` + `Normalize` and as the image processor, so the values are bit-identical.
 
         Args:
             image: a PIL image (or a path or uint8 array, as the image processor accepts); converted to RGB.

@@ -33,11 +33,12 @@ def _jinja_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-# The one definition of the chat format (docs/model.md section 6); `build_prompt` renders it too, and `chat_template.jinja` is
-# this text (`make chat-template` writes it; a test checks they match). Without a system message the default system
-# text is used, as the original chat() does; a system message with empty content means no system turn. Assistant
-# content and its turn-end marker sit in `{% generation %}` markers, for `return_assistant_tokens_mask` (TRL's
-# `assistant_only_loss`); image items render as `<ImageHere>`, which only the processor turns into image ids.
+# The one definition of the chat format (docs/model.md section 6); `build_prompt` renders it too, and
+# `chat_template.jinja` is this text (`make chat-template` writes it; a test checks they match). Without a system
+# message the default system text is used, as the original chat() does; a system message with empty content means no
+# system turn. Assistant content and its turn-end marker sit in `{% generation %}` markers, for
+# `return_assistant_tokens_mask` (TRL's `assistant_only_loss`); image items render as `<ImageHere>`, which only the
+# processor turns into image ids.
 CHAT_TEMPLATE = (
     "{%- set image_token = " + _jinja_string(IMAGE_TOKEN) + " -%}"
     "{%- set turn_start = " + _jinja_string(TURN_START) + " -%}"
