@@ -422,6 +422,23 @@ def hd_transform(image: Image.Image, hd_num: int, tile_size: int) -> Image.Image
     return canvas
 
 
+def tile_views(padded: torch.Tensor, tile_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global view and the crops of one normalised, padded image (docs/model.md section 5, step 1).
+
+    Args:
+        padded (`torch.Tensor` of shape `(C, H, W)`, float32): H and W multiples of `tile_size`.
+        tile_size (`int`): the vision tower's input side S.
+    Returns:
+        `(global_view, crops)`: `(C, S, S)` bicubic without antialias (the published model's, on the normalised
+        padded image in fp32), and a `(rows, cols, C, S, S)` view of `padded` in row-major crop order (no copy).
+    """
+    channels, height, width = padded.shape
+    rows, cols = height // tile_size, width // tile_size
+    global_view = F.interpolate(padded[None], size=(tile_size, tile_size), mode="bicubic", align_corners=False)[0]
+    crops = padded.view(channels, rows, tile_size, cols, tile_size).permute(1, 3, 0, 2, 4)  # (rows, cols, C, S, S)
+    return global_view, crops
+
+
 def _write_tiles(image: Image.Image, layout: HDLayout, mean: torch.Tensor, std: torch.Tensor, tiles: torch.Tensor):
     """HD-transform and normalise one RGB image straight into its tiles: global view, then row-major crops.
 
@@ -449,11 +466,9 @@ def _write_tiles(image: Image.Image, layout: HDLayout, mean: torch.Tensor, std: 
         padded.numpy()[top : top + plane.shape[0], left : left + plane.shape[1]] = plane
         # The same float32 operations as torchvision's ToTensor + Normalize, so the values are bit-identical.
         padded.div_(255).sub_(mean[channel]).div_(std[channel])  # (H, W)
-        # Bicubic without antialias, on the normalised padded image in fp32, to match the published model.
-        global_view = F.interpolate(padded[None, None], size=(size, size), mode="bicubic", align_corners=False)
-        tiles[0, channel] = global_view[0, 0]
-        crops = padded.view(rows, size, cols, size).transpose(1, 2)  # (rows, cols, S, S)
-        tiles[1:, channel].view(rows, cols, size, size).copy_(crops)
+        global_view, crops = tile_views(padded[None], size)  # (1, S, S), (rows, cols, 1, S, S)
+        tiles[0, channel] = global_view[0]
+        tiles[1:, channel].view(rows, cols, size, size).copy_(crops[:, :, 0])
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         list(pool.map(write_channel, range(3)))

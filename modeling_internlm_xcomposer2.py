@@ -403,10 +403,15 @@ class InternLMXComposer2ForCausalLM(OriginalAPIMixin, PreTrainedModel, Generatio
 
     def _embed_with_images(self, input_ids, pixel_values, image_grids):
         """Token embeddings with each image's features written over its placeholder positions, in order."""
+        features = torch.cat(self.get_image_features(pixel_values, image_grids))  # (sum L_i, hidden)
+        return self._scatter_image_features(input_ids, features)
+
+    def _scatter_image_features(self, input_ids, features):
+        """`(inputs_embeds, image_mask)`: the embeddings of `input_ids` `(B, T)` with `features` `(L, hidden)` written
+        over the L image placeholder positions, in order, and the `(B, T)` mask of those positions."""
         inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, hidden)
         # On the embedding's device: with a `device_map` the ids may arrive elsewhere.
         image_mask = (input_ids == self.config.image_token_id).to(inputs_embeds.device)  # (B, T)
-        features = torch.cat(self.get_image_features(pixel_values, image_grids))  # (sum L_i, hidden)
         num_slots = int(image_mask.sum())
         if num_slots != features.shape[0]:
             raise ValueError(

@@ -5,7 +5,6 @@ both give the same numbers (docs/original-api.md).
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .image_processing_4khd import (
@@ -13,6 +12,7 @@ from .image_processing_4khd import (
     CLIP_STD,
     InternLMXComposer2ImageProcessor,
     _to_rgb,
+    tile_views,
     to_pil_image,
     validate_hd_num,
 )
@@ -20,8 +20,8 @@ from .processing_internlm_xcomposer2 import DEFAULT_SYSTEM, IMAGE_TOKEN
 
 
 def pixels_to_tiles(pixels, tile_size):
-    """Cut one resized, padded and normalised image into the tiles the vision tower takes (docs/model.md section 5,
-    step 1).
+    """Cut one resized, padded and normalised image into the tiles the vision tower takes, by the image processor's
+    rule (`tile_views`), in fp32 and then back to the input's dtype.
 
     Args:
         pixels (`torch.Tensor` of shape `(3, H, W)`): H and W multiples of `tile_size`.
@@ -30,13 +30,10 @@ def pixels_to_tiles(pixels, tile_size):
         `(tiles, image_grids)`: `(1 + rows * cols, 3, S, S)` tiles in the dtype of `pixels` (the global view, then
         the crops in row-major order) and the `(1, 2)` grid `[[rows, cols]]`.
     """
-    _, height, width = pixels.shape
-    rows, cols = height // tile_size, width // tile_size
-    # Bicubic without antialias, in fp32, then back to the input's dtype: the original's global view.
-    global_view = F.interpolate(pixels[None].float(), size=(tile_size, tile_size), mode="bicubic", align_corners=False)
-    crops = pixels.reshape(3, rows, tile_size, cols, tile_size).permute(1, 3, 0, 2, 4)  # (rows, cols, 3, S, S)
-    tiles = torch.cat([global_view.to(pixels.dtype), crops.reshape(rows * cols, 3, tile_size, tile_size)])
-    return tiles, torch.tensor([[rows, cols]])
+    global_view, crops = tile_views(pixels.float(), tile_size)  # (3, S, S), (rows, cols, 3, S, S)
+    rows, cols = crops.shape[:2]
+    tiles = torch.cat([global_view[None], crops.reshape(rows * cols, 3, tile_size, tile_size)])
+    return tiles.to(pixels.dtype), torch.tensor([[rows, cols]])
 
 
 class ReplyRepetitionPenalty(LogitsProcessor):
@@ -202,14 +199,8 @@ class OriginalAPIMixin:
                 f"The prompt is {len(ids)} positions long, more than max_sequence_length="
                 f"{self.config.max_sequence_length}; encode the images with a smaller hd_num or shorten the text."
             )
-        embedding = self.get_input_embeddings()
-        input_ids = torch.tensor([ids], device=embedding.weight.device)
-        image_mask = input_ids == self.config.image_token_id  # (1, T)
-        inputs_embeds = embedding(input_ids)
-        features = image.reshape(-1, image.shape[-1])  # (N * L, hidden)
-        dtype = torch.promote_types(inputs_embeds.dtype, features.dtype)
-        features = features.to(device=inputs_embeds.device, dtype=dtype)
-        inputs_embeds = inputs_embeds.to(dtype).masked_scatter(image_mask[..., None], features)
+        input_ids = torch.tensor([ids], device=self.get_input_embeddings().weight.device)
+        inputs_embeds, image_mask = self._scatter_image_features(input_ids, image.reshape(-1, image.shape[-1]))
         return {"inputs_embeds": inputs_embeds}, image_mask
 
     def _original_penalty(self, generate_kwargs, inputs):

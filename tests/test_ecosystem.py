@@ -195,18 +195,18 @@ def assert_vision_and_plora_gradients(model):
     assert min(vision, projector, plora) > 0
 
 
+def one_cpu_step(tmp_path):
+    """TRL config arguments of one fp32 step of batch 2 on the CPU, saving and reporting nothing."""
+    return dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                bf16=False, save_strategy="no")  # fmt: skip
+
+
 @pytest.mark.parametrize("assistant_only_loss", [False, True])
 def test_sft_trainer_trains_with_images(model, processor, tmp_path, assistant_only_loss):
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
-        output_dir=str(tmp_path),
-        max_steps=1,
-        per_device_train_batch_size=2,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
+        **one_cpu_step(tmp_path),
         max_length=None,
         assistant_only_loss=assistant_only_loss,
         learning_rate=1e-2,
@@ -264,15 +264,7 @@ def test_dpo_trainer_trains_with_images(vlm_dir, model, processor, tmp_path):
         }
     )
     reference = AutoModelForCausalLM.from_pretrained(vlm_dir, trust_remote_code=True)
-    args = DPOConfig(
-        output_dir=str(tmp_path),
-        max_steps=1,
-        per_device_train_batch_size=2,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-    )
+    args = DPOConfig(**one_cpu_step(tmp_path))
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dataset, processing_class=processor)
     batch = trainer.data_collator([dataset[0], dataset[1]])
     # Chosen then rejected rows, each with its prompt's image; completions carry no BOS of their own.
