@@ -233,6 +233,11 @@ def main(argv=None, callbacks=None) -> Trainer:
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()  # the model or adapter, and the processor with its tokenizer
     trainer.save_state()
+    # Under torchrun, the ranks wait for each other's saving, then each tears its process group down itself: left to
+    # interpreter exit, gloo's threads can abort a rank ("terminate called without an active exception") after
+    # training has succeeded.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return trainer
 
 
