@@ -4,11 +4,18 @@ Partial LoRA + output head, loading the published 4KHD checkpoint unchanged.
 
 import copy
 from numbers import Integral
-from threading import Thread
+from threading import Event, Thread
 
 import torch
 from torch import nn
-from transformers import BitsAndBytesConfig, GenerationMixin, PreTrainedModel, TextIteratorStreamer
+from transformers import (
+    BitsAndBytesConfig,
+    GenerationMixin,
+    PreTrainedModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
@@ -508,9 +515,14 @@ class InternLMXComposer2ForCausalLM(OriginalAPIMixin, PreTrainedModel, Generatio
 
     def stream_chat(self, tokenizer, query, image=None, history=[], **kwargs):  # noqa: B006
         """Like `chat`, but yields the reply as it grows (each value is the whole reply so far). An error in
-        `chat` (bad input, a prompt too long) is raised here, after ending the stream, instead of hanging it."""
+        `chat` (bad input, a prompt too long) is raised here, after ending the stream, instead of hanging it. Closing
+        the stream early (`close()`, a `break` out of the loop, a web client going away) stops the generation at the
+        next token."""
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors = []
+        cancelled = Event()
+        stopping_criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+        stopping_criteria.append(_StopWhenSet(cancelled))
         # Autocast is per thread: carry the caller's (e.g. the model card's fp16 autocast) into the worker.
         device_type = self.device.type
         autocast = torch.autocast(
@@ -520,7 +532,8 @@ class InternLMXComposer2ForCausalLM(OriginalAPIMixin, PreTrainedModel, Generatio
         def run():
             try:
                 with autocast:
-                    self.chat(tokenizer, query, image, history=history, streamer=streamer, **kwargs)
+                    self.chat(tokenizer, query, image, history=history, streamer=streamer,
+                              stopping_criteria=stopping_criteria, **kwargs)  # fmt: skip
             except Exception as error:
                 errors.append(error)
                 streamer.end()
@@ -528,10 +541,13 @@ class InternLMXComposer2ForCausalLM(OriginalAPIMixin, PreTrainedModel, Generatio
         worker = Thread(target=run)
         worker.start()
         reply = ""
-        for piece in streamer:
-            reply += piece
-            yield reply.split(TURN_END)[0]
-        worker.join()
+        try:
+            for piece in streamer:
+                reply += piece
+                yield reply.split(TURN_END)[0]
+        finally:  # also when the caller closes the stream: the worker stops instead of generating on unread
+            cancelled.set()
+            worker.join()
         if errors:
             raise errors[0]
 
@@ -631,6 +647,16 @@ class InternLMXComposer2ForCausalLM(OriginalAPIMixin, PreTrainedModel, Generatio
         check_text(query, "query")
         if not (query.strip() or images):
             raise ValueError(f"The query is empty ({query!r}); ask something, or pass an image to talk about.")
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Stops every sequence once `event` is set (`stream_chat`'s reader has gone away)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class BatchChatError(ValueError):

@@ -9,7 +9,14 @@ import sentencepiece as spm
 import torch
 from conftest import TINY_CONFIG, write_model_dir, write_processor_dir
 from PIL import Image
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    StoppingCriteria,
+)
 
 QUERY = "<ImageHere>Describe the image."
 
@@ -124,6 +131,34 @@ def test_stream_chat_yields_the_reply_chat_returns(model, tokenizer, chat_dir):
     pieces = list(model.stream_chat(tokenizer, QUERY, image=image, do_sample=False, max_new_tokens=8, min_new_tokens=8, hd_num=4))
     assert pieces[-1] == reply
     assert all(later.startswith(earlier) for earlier, later in zip(pieces, pieces[1:]))
+
+
+def test_closing_a_stream_stops_the_generation(model, tokenizer, chat_dir):
+    """A reader that goes away (close(), a break, a web client leaving) stops the worker at the next token, instead of
+    leaving it to generate all of max_new_tokens unread; the caller's own stopping criteria still apply."""
+    steps = []
+    hook = model.register_forward_hook(lambda *args: steps.append(threading.current_thread()))
+    try:
+        stream = model.stream_chat(tokenizer, QUERY, image=str(chat_dir / "doc.png"), do_sample=False, hd_num=4,
+                                   max_new_tokens=500, min_new_tokens=500)  # fmt: skip
+        next(stream)
+        stream.close()
+        after_close = len(steps)
+        threading.Event().wait(0.5)
+        workers = set(steps)
+        assert len(workers) == 1 and not next(iter(workers)).is_alive()
+        assert len(steps) == after_close < 250, f"{len(steps)} forward passes for a stream read once"
+
+        steps.clear()
+        class AtOnce(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.ones(input_ids.shape[0], dtype=torch.bool)
+
+        pieces = list(model.stream_chat(tokenizer, QUERY, image=str(chat_dir / "doc.png"), do_sample=False, hd_num=4,
+                                        max_new_tokens=50, min_new_tokens=50, stopping_criteria=[AtOnce()]))  # fmt: skip
+        assert len(steps) == 1 and pieces  # the prefill's one token, then the caller's stop
+    finally:
+        hook.remove()
 
 
 def test_stream_chat_raises_errors_instead_of_hanging(model, tokenizer, chat_dir):
